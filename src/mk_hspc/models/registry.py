@@ -16,7 +16,8 @@ def available_plugins(group: str) -> list[str]:
     return sorted(ep.name for ep in entry_points(group=group))
 
 
-def _load(group: str, name: str) -> type:
+def plugin_class(group: str, name: str) -> type:
+    """The class registered as ``name`` in ``group`` (not instantiated)."""
     matches = [ep for ep in entry_points(group=group) if ep.name == name]
     if not matches:
         raise KeyError(
@@ -28,7 +29,7 @@ def _load(group: str, name: str) -> type:
 
 def create_segmenter(name: str, **params: Any) -> Segmenter:
     """Build the segmenter registered as ``name`` with its parameters from ``conf/``."""
-    segmenter = _load(SEGMENTER_GROUP, name)(**params)
+    segmenter = plugin_class(SEGMENTER_GROUP, name)(**params)
     if not isinstance(segmenter, Segmenter):
         raise TypeError(f"Segmenter plugin {name!r} does not implement the Segmenter protocol")
     return segmenter
@@ -36,7 +37,7 @@ def create_segmenter(name: str, **params: Any) -> Segmenter:
 
 def create_feature_extractor(name: str, **params: Any) -> FeatureExtractor:
     """Build the feature extractor registered as ``name`` with its parameters from ``conf/``."""
-    extractor = _load(FEATURE_GROUP, name)(**params)
+    extractor = plugin_class(FEATURE_GROUP, name)(**params)
     if not isinstance(extractor, FeatureExtractor):
         raise TypeError(f"Feature plugin {name!r} does not implement the FeatureExtractor protocol")
     return extractor

@@ -1,0 +1,129 @@
+"""Ingestion nodes: slides -> metadata, tissue maps, tile grid, pooled tile sample, overlays.
+
+Thin wrappers: the logic lives in ``mk_hspc.czi``, ``mk_hspc.tissue`` and ``mk_hspc.tiling``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kedro.io import DatasetError
+from matplotlib.figure import Figure
+
+from mk_hspc.czi import CziSlide, CziSlideError
+from mk_hspc.tiling import build_tile_grid, sample_tiles
+from mk_hspc.tissue import TissueMap, build_tissue_maps, tissue_overlay_figure
+
+logger = logging.getLogger(__name__)
+
+SlideLoaders = Mapping[str, Callable[[], CziSlide]]
+
+
+def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]:
+    """Write the demo study into an empty slides folder (the embedded default); never touch real slides."""
+    slides_path = Path(slides_dir)
+    existing = sorted(slides_path.glob("**/*.czi")) if slides_path.exists() else []
+    if existing:
+        return {"generated": False, "reason": f"{len(existing)} slide(s) already in {slides_path}"}
+    if not demo["generate_if_empty"]:
+        raise FileNotFoundError(
+            f"No .czi slides in {slides_path.resolve()}; put the study's slides there "
+            "(or set demo.generate_if_empty: true to run on the demo study)"
+        )
+    from mk_hspc.demo import DemoSpec, make_demo_study
+
+    out_dir = Path(demo["out_dir"])
+    if (out_dir / "slides").resolve() != slides_path.resolve():
+        raise ValueError(f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})")
+    spec = getattr(DemoSpec, demo.get("spec", "default"))()
+    spec = dataclasses.replace(spec, **(demo.get("overrides") or {}))
+    logger.info("No slides in %s: writing the demo study (%d slides)", slides_path, spec.n_slides)
+    study = make_demo_study(out_dir, spec)
+    return {"generated": True, "out_dir": str(out_dir), "n_slides": len(study.slide_paths)}
+
+
+def _open_slide(name: str, load: Callable[[], CziSlide]) -> CziSlide:
+    """Call a partition loader, surfacing the reader's own error (Kedro wraps it in a DatasetError)."""
+    try:
+        return load()
+    except DatasetError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, CziSlideError):
+            raise cause from None
+        raise CziSlideError(name, str(exc)) from exc
+
+
+def open_good_slides(
+    raw_slides: SlideLoaders, skip_bad_slides: bool, only: set[str] | None = None
+) -> dict[str, CziSlide]:
+    """Open each slide lazily; a bad file stops the run (named) unless ``skip_bad_slides``."""
+    slides: dict[str, CziSlide] = {}
+    for name in sorted(raw_slides):
+        if only is not None and name not in only:
+            continue
+        try:
+            slides[name] = _open_slide(name, raw_slides[name])
+        except CziSlideError as exc:
+            if not skip_bad_slides:
+                raise
+            logger.warning("Skipping bad slide %s: %s", name, exc)
+    return slides
+
+
+def read_slide_metadata(
+    raw_slides: SlideLoaders, demo_manifest: dict[str, Any], ingestion: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Metadata of every readable slide; this is also the list of slides later nodes use."""
+    del demo_manifest  # only orders this node after the demo writer
+    if not raw_slides:
+        raise FileNotFoundError(f"No .czi slides found in {Path(ingestion['slides_dir']).resolve()}")
+    slides = open_good_slides(raw_slides, ingestion["skip_bad_slides"])
+    if not slides:
+        raise CziSlideError(ingestion["slides_dir"], "no readable slide in the folder (all were skipped)")
+    meta = {name: slide.meta.to_dict() for name, slide in slides.items()}
+    for slide in slides.values():
+        slide.close()
+    return meta
+
+
+def make_tissue_maps(
+    raw_slides: SlideLoaders, slide_meta: dict[str, dict[str, Any]], ingestion: dict[str, Any]
+) -> tuple[dict[str, TissueMap], dict[str, Any]]:
+    """Low-resolution tissue maps of all slides with one threshold calibrated on all of them together."""
+    slides = open_good_slides(raw_slides, skip_bad_slides=False, only=set(slide_meta))
+    maps, calibration = build_tissue_maps(slides, **ingestion["tissue"])
+    for slide in slides.values():
+        slide.close()
+    return maps, calibration
+
+
+def make_tile_index(
+    slide_meta: dict[str, dict[str, Any]],
+    tissue_maps: Mapping[str, Callable[[], TissueMap]],
+    ingestion: dict[str, Any],
+) -> pd.DataFrame:
+    """The tile grid of every slide with each tile's tissue fraction."""
+    loaded = {name: tissue_maps[name]() for name in sorted(slide_meta)}
+    return build_tile_grid(slide_meta, loaded, **ingestion["tiles"])
+
+
+def make_tile_sample(tile_index: pd.DataFrame, ingestion: dict[str, Any]) -> pd.DataFrame:
+    """Seeded sample of tissue tiles drawn from the pooled tiles of all slides."""
+    return sample_tiles(tile_index, **ingestion["sampling"])
+
+
+def plot_tissue_overlays(
+    tissue_maps: Mapping[str, Callable[[], TissueMap]], tile_index: pd.DataFrame, tile_sample: pd.DataFrame
+) -> dict[str, Figure]:
+    """One PNG per slide: thumbnail, tissue outline, tissue tiles and the sampled ones."""
+    sampled = set(tile_sample["tile_id"])
+    figures = {}
+    for name in sorted(tissue_maps):
+        tiles = tile_index[tile_index["slide"] == name]
+        figures[f"{name}.png"] = tissue_overlay_figure(tissue_maps[name](), tiles, sampled)
+    return figures

@@ -1,0 +1,67 @@
+"""Cell counts and densities per slide and group, from the cells table and the sampled tissue area."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+UNGROUPED = "ungrouped"
+
+
+def read_slide_sheet(path: Path) -> pd.DataFrame:
+    """The lab's slide -> group table; slides missing from it (or no sheet at all) are 'ungrouped'."""
+    if not path.is_file():
+        return pd.DataFrame({"slide": pd.Series(dtype=str), "group": pd.Series(dtype=str)})
+    sheet = pd.read_csv(path, dtype=str)
+    missing = {"slide", "group"} - set(sheet.columns)
+    if missing:
+        raise ValueError(f"Slide sheet {path} lacks column(s) {sorted(missing)}; it needs 'slide' and 'group'")
+    return sheet
+
+
+def count_cells(
+    cells: pd.DataFrame,
+    tile_sample: pd.DataFrame,
+    slide_meta: dict[str, dict[str, Any]],
+    slide_sheet: Path,
+) -> pd.DataFrame:
+    """One row per slide and cell type: count, sampled tissue area (mm²) and density (cells / mm²)."""
+    px_um = {name: float(meta["pixel_size_um"]) for name, meta in slide_meta.items()}
+    tiles = tile_sample.assign(
+        tissue_mm2=lambda t: t["tissue_fraction"] * t["core_w"] * t["core_h"] * t["slide"].map(px_um) ** 2 / 1e6
+    )
+    area = tiles.groupby("slide")["tissue_mm2"].sum().rename("sampled_tissue_mm2")
+    cell_types = sorted(cells["cell_type"].unique()) if len(cells) else []
+    index = pd.MultiIndex.from_product([sorted(area.index), cell_types], names=["slide", "cell_type"])
+    counts = cells.groupby(["slide", "cell_type"]).size().reindex(index, fill_value=0).rename("n_cells")
+    table = counts.reset_index().merge(area.reset_index(), on="slide", how="left")
+    table["density_per_mm2"] = table["n_cells"] / table["sampled_tissue_mm2"].where(table["sampled_tissue_mm2"] > 0)
+    sheet = read_slide_sheet(slide_sheet)
+    table = table.merge(sheet[["slide", "group"]], on="slide", how="left")
+    table["group"] = table["group"].fillna(UNGROUPED)
+    return table[["slide", "group", "cell_type", "n_cells", "sampled_tissue_mm2", "density_per_mm2"]]
+
+
+def cell_counts_figure(counts: pd.DataFrame) -> Figure:
+    """Density per slide for each cell type, slides ordered and coloured by group."""
+    cell_types = sorted(counts["cell_type"].unique())
+    fig, axes = plt.subplots(1, max(len(cell_types), 1), figsize=(5.5 * max(len(cell_types), 1), 4.2), squeeze=False)
+    groups = sorted(counts["group"].unique())
+    colours = {group: plt.get_cmap("tab10")(i % 10) for i, group in enumerate(groups)}
+    for ax, cell_type in zip(axes[0], cell_types, strict=False):
+        rows = counts[counts["cell_type"] == cell_type].sort_values(["group", "slide"])
+        ax.bar(rows["slide"], rows["density_per_mm2"], color=[colours[g] for g in rows["group"]])
+        ax.set_title(f"{cell_type.upper()} density in sampled tissue")
+        ax.set_ylabel("cells / mm²")
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[g]) for g in groups]
+    fig.legend(handles, groups, loc="upper right", fontsize=8, title="group")
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    return fig

@@ -1,0 +1,56 @@
+"""Counts and densities per slide and group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mk_hspc.pipelines.segmentation.counts import cell_counts_figure, count_cells
+
+
+@pytest.fixture
+def tile_sample() -> pd.DataFrame:
+    # Two 1000x1000 px tiles at 0.5 µm/px = 0.25 mm² each; half and full tissue.
+    return pd.DataFrame(
+        {
+            "tile_id": ["a_s0_r000_c000", "b_s0_r000_c000"],
+            "slide": ["a", "b"],
+            "core_w": [1000, 1000],
+            "core_h": [1000, 1000],
+            "tissue_fraction": [0.5, 1.0],
+        }
+    )
+
+
+def test_counts_and_densities_per_slide_and_group(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+    cells = pd.DataFrame(
+        {"slide": ["a", "a", "b", "b", "b"], "cell_type": ["mk", "hspc", "hspc", "hspc", "hspc"]}
+    )
+    sheet = tmp_path / "sheet.csv"
+    pd.DataFrame({"slide": ["a", "b"], "group": ["F_vehicle", "M_treated"]}).to_csv(sheet, index=False)
+    meta = {"a": {"pixel_size_um": 0.5}, "b": {"pixel_size_um": 0.5}}
+    counts = count_cells(cells, tile_sample, meta, sheet).set_index(["slide", "cell_type"])
+    assert counts.loc[("a", "mk"), "n_cells"] == 1
+    assert counts.loc[("b", "mk"), "n_cells"] == 0  # absent types are explicit zeros
+    assert counts.loc[("a", "hspc"), "sampled_tissue_mm2"] == pytest.approx(0.125)
+    assert counts.loc[("b", "hspc"), "density_per_mm2"] == pytest.approx(3 / 0.25)
+    assert counts.loc[("b", "hspc"), "group"] == "M_treated"
+    assert len(cell_counts_figure(counts.reset_index()).axes) == 2
+
+
+def test_missing_slide_sheet_means_ungrouped(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+    cells = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"]})
+    meta = {"a": {"pixel_size_um": 0.5}, "b": {"pixel_size_um": 0.5}}
+    counts = count_cells(cells, tile_sample, meta, tmp_path / "absent.csv")
+    assert set(counts["group"]) == {"ungrouped"}
+
+
+def test_bad_slide_sheet_is_named(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("name,cohort\na,x\n")
+    with pytest.raises(ValueError, match="sheet.csv"):
+        count_cells(
+            pd.DataFrame({"slide": [], "cell_type": []}), tile_sample, {"a": {"pixel_size_um": 1}}, sheet
+        )
