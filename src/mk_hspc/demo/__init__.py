@@ -1,0 +1,24 @@
+"""The demo study: synthetic H&E bone-marrow slides written as real CZI files, with ground truth.
+
+It is the project's embedded default (no lab data, no weights) and the reference against which the
+classical segmenter is tuned and tested.
+"""
+
+from mk_hspc.demo.spec import DemoSpec, GroupSpec
+from mk_hspc.demo.writer import (
+    DemoStudy,
+    load_tissue_truth,
+    make_demo_study,
+    slide_sheet,
+    tile_tissue_fraction_truth,
+)
+
+__all__ = [
+    "DemoSpec",
+    "DemoStudy",
+    "GroupSpec",
+    "load_tissue_truth",
+    "make_demo_study",
+    "slide_sheet",
+    "tile_tissue_fraction_truth",
+]
