@@ -1,0 +1,92 @@
+"""The Kedro project as a user drives it: registry, kedro-viz, `kedro run` on a tiny demo, bad slides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import kedro, make_project_copy
+
+# A tiny study: 4 small demo slides cut into 600 px tiles, half of the tissue tiles sampled.
+TINY_RUN = (
+    "demo.spec=small,ingestion.tiles.tile_px=600,ingestion.sampling.fraction=0.5,"
+    "ingestion.tissue.map_um_per_px=4.0,segmentation.runtime.progress=false"
+)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_project_copy(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="module")
+def demo_run(project: Path) -> Path:
+    kedro(project, "run", "--params", TINY_RUN)
+    return project
+
+
+def test_registry_lists_the_stages(project: Path) -> None:
+    listed = kedro(project, "registry", "list").stdout
+    assert "ingestion" in listed and "segmentation" in listed and "__default__" in listed
+
+
+def test_viz_build_lists_ingestion_nodes(project: Path) -> None:
+    kedro(project, "viz", "build")
+    ingestion = json.loads((project / "build" / "api" / "pipelines" / "ingestion").read_text())
+    task_names = {node["name"] for node in ingestion["nodes"] if node["type"] == "task"}
+    assert {
+        "prepare_demo_slides",
+        "read_slide_metadata",
+        "make_tissue_maps",
+        "make_tile_index",
+        "sample_tiles",
+        "plot_tissue_overlays",
+    } <= task_names
+
+
+def test_default_run_produces_every_output(demo_run: Path) -> None:
+    data = demo_run / "data"
+    slide_meta = json.loads((data / "02_intermediate" / "slide_meta.json").read_text())
+    assert len(slide_meta) == 4
+    tile_index = pd.read_parquet(data / "02_intermediate" / "tile_index.parquet")
+    sample = pd.read_parquet(data / "02_intermediate" / "tile_sample.parquet")
+    assert set(sample["tile_id"]) <= set(tile_index.loc[tile_index["is_tissue"], "tile_id"])
+    assert len(sample) == round(0.5 * tile_index["is_tissue"].sum())
+    assert sorted(p.name for p in (data / "08_reporting" / "tissue_overlays").glob("*.png")) == [
+        f"{name}.png" for name in sorted(slide_meta)
+    ]
+    cells = pd.read_parquet(data / "03_primary" / "cells.parquet")
+    assert set(cells["cell_type"]) == {"mk", "hspc"}
+    assert cells["cell_id"].is_unique
+    assert set(cells["tile_id"]) <= set(sample["tile_id"])
+    stored = sorted(p.stem for p in (data / "03_primary" / "tile_store").glob("*/*.h5"))
+    assert stored == sorted(sample["tile_id"])
+    counts = pd.read_csv(data / "08_reporting" / "cell_counts_sampled.csv")
+    assert counts["n_cells"].sum() == len(cells)
+    assert set(counts["group"]) == set(pd.read_csv(data / "01_raw" / "slide_sheet.csv")["group"])
+
+
+def test_rerun_skips_finished_tiles(demo_run: Path) -> None:
+    before = pd.read_parquet(demo_run / "data" / "03_primary" / "cells.parquet")
+    kedro(demo_run, "run", "--pipeline", "segmentation", "--params", TINY_RUN)
+    summary = json.loads((demo_run / "data" / "03_primary" / "segmentation_run.json").read_text())
+    assert summary["n_processed"] == 0 and summary["n_skipped"] == summary["n_tiles"] > 0
+    pd.testing.assert_frame_equal(before, pd.read_parquet(demo_run / "data" / "03_primary" / "cells.parquet"))
+
+
+def test_bad_slide_is_named_or_skipped(demo_run: Path) -> None:
+    bad = demo_run / "data" / "01_raw" / "slides" / "not_a_slide.czi"
+    bad.write_text("this is a spreadsheet, not a CZI file\n")
+    try:
+        with pytest.raises(AssertionError, match=r"not_a_slide\.czi"):
+            kedro(demo_run, "run", "--pipeline", "ingestion", "--params", TINY_RUN)
+        result = kedro(
+            demo_run, "run", "--pipeline", "ingestion", "--params", TINY_RUN + ",ingestion.skip_bad_slides=true"
+        )
+        assert "Skipping bad slide not_a_slide" in result.stdout + result.stderr
+        assert "not_a_slide" not in json.loads((demo_run / "data" / "02_intermediate" / "slide_meta.json").read_text())
+    finally:
+        bad.unlink()
