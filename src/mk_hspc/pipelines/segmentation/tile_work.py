@@ -7,6 +7,7 @@ prefetch engine into the per-tile HDF5 store, skipping tiles already done with t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -152,16 +153,16 @@ class RunSummary:
 def plugin_fingerprint(plugin: object) -> dict:
     """Deterministic description of a plugin: class, name and its simple-valued parameters.
 
-    Parameters come from a ``params`` mapping when the plugin has one, else from its public attributes;
-    values that are not plain data (models, tensors) are left out, so the fingerprint is stable across runs.
+    Parameters are the plugin's public attributes (a ``params`` mapping or dataclass included); values that
+    are not plain data (models, tensors) are left out, so the fingerprint is stable across runs.
     """
-    raw = getattr(plugin, "params", None)
-    if not isinstance(raw, Mapping):
-        raw = (
-            {k: v for k, v in vars(plugin).items() if not k.startswith("_")}
-            if hasattr(plugin, "__dict__")
-            else {}
-        )
+    raw = (
+        {k: v for k, v in vars(plugin).items() if not k.startswith("_")}
+        if hasattr(plugin, "__dict__")
+        else {}
+    )
+    if "params" not in raw and getattr(plugin, "params", None) is not None:
+        raw["params"] = plugin.params  # e.g. a property
     params = {}
     for name, value in sorted(raw.items()):
         simple = _plain(value)
@@ -528,6 +529,8 @@ def _plain(value: Any) -> Any:
         return value.item()
     if isinstance(value, Path):
         return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
     if isinstance(value, list | tuple):
         items = [_plain(v) for v in value]
         return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
