@@ -47,6 +47,14 @@ def test_missing_slide_sheet_means_ungrouped(tile_sample: pd.DataFrame, tmp_path
     assert set(counts["group"]) == {"ungrouped"}
 
 
+def test_slide_without_sampled_tiles_is_reported(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+    cells = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"]})
+    meta = {name: {"pixel_size_um": 0.5} for name in ("a", "b", "c")}
+    counts = count_cells(cells, tile_sample, meta, tmp_path / "absent.csv").set_index("slide")
+    assert counts.loc["c", "sampled_tissue_mm2"] == 0.0
+    assert counts.loc["c", "n_cells"] == 0 and pd.isna(counts.loc["c", "density_per_mm2"])
+
+
 def test_bad_slide_sheet_is_named(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
     sheet = tmp_path / "sheet.csv"
     sheet.write_text("name,cohort\na,x\n")

@@ -32,12 +32,17 @@ def count_cells(
     slide_meta: dict[str, dict[str, Any]],
     slide_sheet: Path,
 ) -> pd.DataFrame:
-    """One row per slide and cell type: count, sampled tissue area (mm²) and density (cells / mm²)."""
+    """One row per slide and cell type: count, sampled tissue area (mm²) and density (cells / mm²).
+
+    Every slide of ``slide_meta`` gets rows, also one that no sampled tile fell on (area 0, density NaN), so a
+    missing slide is visible in the report rather than silently absent.
+    """
     px_um = {name: float(meta["pixel_size_um"]) for name, meta in slide_meta.items()}
     tiles = tile_sample.assign(
         tissue_mm2=lambda t: t["tissue_fraction"] * t["core_w"] * t["core_h"] * t["slide"].map(px_um) ** 2 / 1e6
     )
-    area = tiles.groupby("slide")["tissue_mm2"].sum().rename("sampled_tissue_mm2")
+    area = tiles.groupby("slide")["tissue_mm2"].sum().reindex(sorted(slide_meta), fill_value=0.0)
+    area = area.rename("sampled_tissue_mm2").rename_axis("slide")
     cell_types = sorted(cells["cell_type"].unique()) if len(cells) else []
     index = pd.MultiIndex.from_product([sorted(area.index), cell_types], names=["slide", "cell_type"])
     counts = cells.groupby(["slide", "cell_type"]).size().reindex(index, fill_value=0).rename("n_cells")
