@@ -1,0 +1,300 @@
+"""The classical segmenter and its colour deconvolution on small synthetic H&E scenes.
+
+Scenes are rendered with Beer-Lambert from known haematoxylin / eosin concentrations, so the truth
+(where every nucleus and every megakaryocyte is) is exact and the tests stay small and fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.measure import regionprops_table
+
+from mk_hspc.models import Segmenter, create_segmenter
+from mk_hspc.models.segmenters.classical import (
+    ClassicalSegmenter,
+    HspcParams,
+    bin_rgb,
+    keep_labels,
+    label_moments,
+    nucleus_threshold,
+    unbin_labels,
+    working_factor,
+)
+from mk_hspc.models.stain import (
+    REFERENCE_E_OD,
+    REFERENCE_H_OD,
+    macenko_stain_vectors,
+    optical_density,
+    separate_he,
+)
+
+PIXEL_SIZE_UM = 0.1725
+# A lab's stain hues, deliberately not the reference ones: the per-tile estimate must find them.
+H_OD = np.array([0.60, 0.74, 0.30])
+E_OD = np.array([0.18, 0.86, 0.48])
+
+
+def render(h: np.ndarray, e: np.ndarray, seed: int = 0, noise: float = 2.0) -> np.ndarray:
+    """RGB uint8 of haematoxylin / eosin concentration maps (Beer-Lambert, unit stain vectors)."""
+    h_od, e_od = H_OD / np.linalg.norm(H_OD), E_OD / np.linalg.norm(E_OD)
+    od = h[..., None] * h_od + e[..., None] * e_od
+    rgb = 250.0 * 10.0 ** (-od) + np.random.default_rng(seed).normal(0.0, noise, od.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+class Scene:
+    """Concentration maps of a square field ``size_um`` wide drawn in micrometres."""
+
+    def __init__(
+        self, size_um: float, pixel_size_um: float = PIXEL_SIZE_UM, background_e: float = 0.15
+    ) -> None:
+        self.px = pixel_size_um
+        n = int(round(size_um / pixel_size_um))
+        self.y, self.x = (np.mgrid[0:n, 0:n] + 0.5) * pixel_size_um
+        self.h = np.full((n, n), 0.03)
+        self.e = np.full((n, n), background_e)
+
+    def disc(self, cx: float, cy: float, r: float) -> np.ndarray:
+        return (self.x - cx) ** 2 + (self.y - cy) ** 2 <= r * r
+
+    def nucleus(self, cx: float, cy: float, diameter: float = 7.0, h: float = 0.9) -> None:
+        inside = self.disc(cx, cy, diameter / 2)
+        self.h[inside], self.e[inside] = h, 0.08
+
+    def rgb(self, seed: int = 0) -> np.ndarray:
+        return render(self.h, self.e, seed)
+
+
+def centroids_um(labels: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros((0, 2))
+    m = label_moments(labels, n)
+    return (np.stack([m["centroid_x"], m["centroid_y"]], axis=1) + 0.5) * pixel_size_um
+
+
+def nearest_distance(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each target, the distance to the nearest point (inf when there are none)."""
+    if len(points) == 0:
+        return np.full(len(targets), np.inf)
+    return np.linalg.norm(points[None, :, :] - targets[:, None, :], axis=2).min(axis=1)
+
+
+# ------------------------------------------------------------------------------------ stain separation
+
+
+def test_macenko_recovers_the_stain_vectors_of_a_two_stain_image() -> None:
+    rng = np.random.default_rng(1)
+    h = rng.gamma(1.0, 0.3, (200, 200)) * (rng.random((200, 200)) < 0.5)
+    e = rng.gamma(2.0, 0.2, (200, 200))
+    vectors, estimated = macenko_stain_vectors(optical_density(render(h, e, noise=0.5), 250.0))
+    assert estimated
+    for found, true in zip(vectors, (H_OD, E_OD), strict=True):
+        cosine = found @ (true / np.linalg.norm(true))
+        assert cosine > 0.99, (found, true)
+
+
+def test_stain_vectors_fall_back_to_the_reference_without_tissue() -> None:
+    glass = np.full((64, 64, 3), 245, np.uint8)
+    vectors, estimated = macenko_stain_vectors(optical_density(glass))
+    assert not estimated
+    np.testing.assert_allclose(vectors[0], np.array(REFERENCE_H_OD) / np.linalg.norm(REFERENCE_H_OD))
+    np.testing.assert_allclose(vectors[1], np.array(REFERENCE_E_OD) / np.linalg.norm(REFERENCE_E_OD))
+
+
+def test_separate_he_puts_nuclei_in_haematoxylin_and_cytoplasm_in_eosin() -> None:
+    scene = Scene(60.0, background_e=0.4)
+    scene.nucleus(30.0, 30.0, diameter=10.0)
+    maps = separate_he(scene.rgb())
+    inside, outside = scene.disc(30, 30, 4), ~scene.disc(30, 30, 7)
+    assert maps.haematoxylin[inside].mean() > 0.7 > 0.1 > abs(maps.haematoxylin[outside].mean())
+    assert maps.eosin[outside].mean() == pytest.approx(0.4, abs=0.08)
+    assert maps.haematoxylin.dtype == np.float32 and maps.haematoxylin.shape == scene.h.shape
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def test_working_factor_bins_towards_the_working_pixel_size() -> None:
+    assert working_factor(0.1725, 0.35) == 2
+    assert working_factor(0.1725, 0.7) == 4
+    assert working_factor(0.35, 0.35) == 1
+    assert working_factor(0.5, 0.35) == 1  # never upsamples
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        working_factor(0.0, 0.35)
+
+
+def test_bin_and_unbin_keep_the_tile_shape_for_sizes_not_divisible_by_the_factor() -> None:
+    rgb = np.random.default_rng(0).integers(0, 255, (101, 67, 3)).astype(np.uint8)
+    binned = bin_rgb(rgb, 2)
+    assert binned.shape == (51, 34, 3)
+    assert binned[0, 0, 0] == pytest.approx(rgb[:2, :2, 0].mean())
+    assert binned[-1, -1, 1] == pytest.approx(rgb[100, 66, 1])  # edge replicated, not darkened
+    labels = np.arange(51 * 34, dtype=np.int32).reshape(51, 34)
+    assert unbin_labels(labels, 2, (101, 67)).shape == (101, 67)
+
+
+def test_label_moments_match_regionprops() -> None:
+    labels = np.zeros((80, 80), np.int32)
+    labels[5:25, 10:50] = 1
+    yy, xx = np.mgrid[0:80, 0:80]
+    labels[((yy - 55) / 12.0) ** 2 + ((xx - 40) / 6.0) ** 2 <= 1] = 2
+    moments = label_moments(labels, 2)
+    props = regionprops_table(
+        labels, properties=("area", "centroid", "axis_minor_length", "axis_major_length")
+    )
+    np.testing.assert_allclose(moments["area"], props["area"])
+    np.testing.assert_allclose(moments["centroid_y"], props["centroid-0"])
+    np.testing.assert_allclose(moments["minor"], props["axis_minor_length"], rtol=1e-6)
+    np.testing.assert_allclose(moments["major"], props["axis_major_length"], rtol=1e-6)
+
+
+def test_keep_labels_renumbers_consecutively() -> None:
+    labels = np.array([[0, 1, 2], [3, 3, 2]], np.int32)
+    kept = keep_labels(labels, np.array([True, False, True]))
+    np.testing.assert_array_equal(kept, [[0, 1, 0], [2, 2, 0]])
+
+
+def test_nucleus_threshold_is_clipped_and_survives_empty_tissue() -> None:
+    rng = np.random.default_rng(0)
+    everything = np.ones(10_000, bool)
+    assert nucleus_threshold(rng.uniform(0.0, 2.0, 10_000), everything, (0.2, 0.6)) == pytest.approx(0.6)
+    assert nucleus_threshold(rng.uniform(0.0, 0.1, 10_000), everything, (0.2, 0.6)) == pytest.approx(0.2)
+    assert nucleus_threshold(rng.uniform(0.0, 0.8, 10_000), everything, (0.2, 0.6)) == pytest.approx(
+        0.4, abs=0.02
+    )
+    assert nucleus_threshold(rng.uniform(0.0, 2.0, 10_000), ~everything, (0.2, 0.6)) == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------- the plugin
+
+
+def test_plugin_is_registered_and_validates_its_parameters() -> None:
+    seg = create_segmenter("classical", mode="mk", min_area_um2=200.0, max_area_um2=2000.0)
+    assert isinstance(seg, Segmenter) and seg.name == "classical"
+    with pytest.raises(ValueError, match="mode"):
+        ClassicalSegmenter(mode="rbc")
+    with pytest.raises(TypeError, match="min_area_um"):
+        ClassicalSegmenter(mode="hspc", min_area_um=3.0)
+    with pytest.raises(ValueError, match="max_area_um2"):
+        ClassicalSegmenter(mode="mk", min_area_um2=500.0, max_area_um2=100.0)
+
+
+@pytest.mark.parametrize("mode", ["hspc", "mk"])
+def test_glass_and_empty_tissue_give_no_cells(mode: str) -> None:
+    seg = ClassicalSegmenter(mode=mode)
+    glass = seg.segment(np.full((300, 257, 3), 243, np.uint8), PIXEL_SIZE_UM)
+    assert glass.labels.shape == (300, 257) and glass.labels.dtype == np.int32 and glass.n_cells == 0
+    pink = seg.segment(Scene(50.0, background_e=0.45).rgb(), PIXEL_SIZE_UM)
+    assert pink.n_cells == 0
+
+
+def hspc_scene(pixel_size_um: float) -> tuple[Scene, np.ndarray]:
+    """Nine separate nuclei, a touching pair and specks; returns the scene and the true centres (µm)."""
+    scene = Scene(100.0, pixel_size_um)
+    centres = [(15.0 + 25.0 * i, 15.0 + 25.0 * j) for i in range(3) for j in range(3)]
+    centres += [(85.0, 30.0), (85.0, 37.0)]  # 7 and 7.5 µm nuclei whose centres are 7 µm apart: touching
+    for k, (cx, cy) in enumerate(centres):
+        scene.nucleus(cx, cy, diameter=7.0 + 0.5 * (k % 3), h=0.8 + 0.05 * (k % 4))
+    for cx, cy in [(85.0, 60.0), (85.0, 75.0), (70.0, 90.0)]:  # specks, debris
+        scene.h[scene.disc(cx, cy, 0.7)] = 0.9
+    return scene, np.array(centres)
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.1725, 0.35])
+def test_hspc_mode_finds_each_nucleus_once_and_splits_touching_ones(pixel_size_um: float) -> None:
+    scene, centres = hspc_scene(pixel_size_um)
+    result = ClassicalSegmenter(mode="hspc").segment(scene.rgb(), pixel_size_um)
+    found = centroids_um(result.labels, pixel_size_um)
+    assert result.n_cells == len(centres)
+    assert nearest_distance(found, centres).max() < 1.0
+    assert np.all((result.scores > 0.5) & (result.scores <= 1.0))
+    np.testing.assert_array_equal(np.unique(result.labels), np.arange(result.n_cells + 1))
+
+
+def test_hspc_score_prefers_wide_dark_nuclei() -> None:
+    scene = Scene(60.0)
+    scene.nucleus(15.0, 30.0, diameter=7.0, h=0.9)
+    scene.nucleus(45.0, 30.0, diameter=3.0, h=0.9)  # narrow: a granulocyte lobe or a fragment
+    result = ClassicalSegmenter(mode="hspc").segment(scene.rgb(), PIXEL_SIZE_UM)
+    found = centroids_um(result.labels, PIXEL_SIZE_UM)
+    assert result.n_cells == 1 and abs(found[0, 0] - 15.0) < 1.0
+    keep_all = ClassicalSegmenter(mode="hspc", min_score=0.0, min_area_um2=3.0).segment(
+        scene.rgb(), PIXEL_SIZE_UM
+    )
+    assert keep_all.n_cells == 2
+    by_x = np.argsort(centroids_um(keep_all.labels, PIXEL_SIZE_UM)[:, 0])
+    assert keep_all.scores[by_x[0]] > 0.8 > 0.2 > keep_all.scores[by_x[1]]
+
+
+def mk_scene() -> tuple[Scene, tuple[float, float]]:
+    """An MK (three-lobed nucleus in a 14 µm pink cytoplasm) among small cells, next to bone and a cluster."""
+    scene = Scene(130.0, background_e=0.2)
+    # Packed small cells everywhere except where the MK, the bone and the cluster are.
+    mk_centre = (45.0, 50.0)
+    rng = np.random.default_rng(3)
+    for cy in np.arange(5.0, 130.0, 9.0):
+        for cx in np.arange(5.0 + 4.5 * ((cy // 9) % 2), 95.0, 9.0):
+            if np.hypot(cx - mk_centre[0], cy - mk_centre[1]) > 19.0 and not (cx < 35 and cy > 95):
+                scene.nucleus(cx + rng.normal(0, 0.5), cy + rng.normal(0, 0.5), diameter=6.0)
+    # Megakaryocyte: even eosinophilic cytoplasm, a thin pale border and a three-lobed nucleus.
+    cx, cy = mk_centre
+    border = scene.disc(cx, cy, 15.0) & ~scene.disc(cx, cy, 14.0)
+    scene.h[border], scene.e[border] = 0.02, 0.1
+    body = scene.disc(cx, cy, 14.0)
+    scene.h[body], scene.e[body] = 0.0, 0.42
+    for dx, dy in [(-3.0, -1.5), (3.0, -1.5), (0.0, 3.5)]:
+        lobe = scene.disc(cx + dx, cy + dy, 3.6)
+        scene.h[lobe], scene.e[lobe] = 1.0, 0.1
+    # Bone: a wide band of smooth, strongly eosinophilic matrix with two small lacunae.
+    bone = scene.x > 100.0
+    scene.h[bone], scene.e[bone] = 0.0, 0.7
+    for ly in (40.0, 90.0):
+        lacuna = scene.disc(115.0, ly, 2.0)
+        scene.h[lacuna], scene.e[lacuna] = 0.8, 0.1
+    # A cluster of touching small nuclei in the pink background.
+    for dx, dy in [(0, 0), (5.5, 0), (0, 5.5), (5.5, 5.5)]:
+        scene.nucleus(15.0 + dx, 110.0 + dy, diameter=6.0)
+    return scene, mk_centre
+
+
+def test_mk_mode_finds_the_megakaryocyte_and_rejects_bone_and_clusters() -> None:
+    scene, (cx, cy) = mk_scene()
+    result = ClassicalSegmenter(mode="mk", min_area_um2=200.0, max_area_um2=2000.0).segment(
+        scene.rgb(), PIXEL_SIZE_UM
+    )
+    assert result.n_cells == 1
+    (found,) = centroids_um(result.labels, PIXEL_SIZE_UM)
+    assert np.hypot(found[0] - cx, found[1] - cy) < 3.0
+    area_um2 = (result.labels == 1).sum() * PIXEL_SIZE_UM**2
+    assert 0.6 * np.pi * 14.0**2 < area_um2 < 1.2 * np.pi * 15.0**2
+    assert 0.0 < result.scores[0] <= 1.0
+
+
+def test_mk_area_limits_are_in_square_micrometres() -> None:
+    scene, _ = mk_scene()
+    too_small = ClassicalSegmenter(mode="mk", min_area_um2=1000.0, max_area_um2=2000.0)
+    assert too_small.segment(scene.rgb(), PIXEL_SIZE_UM).n_cells == 0
+
+
+def test_hspc_mode_drops_the_lobes_of_a_megakaryocyte() -> None:
+    scene, (cx, cy) = mk_scene()
+    rgb = scene.rgb()
+    with_mk = ClassicalSegmenter(mode="hspc").segment(rgb, PIXEL_SIZE_UM)
+    without = ClassicalSegmenter(mode="hspc", exclude_mk_nuclei=False).segment(rgb, PIXEL_SIZE_UM)
+    inside_mk = lambda labels: (np.hypot(*(centroids_um(labels, PIXEL_SIZE_UM) - [cx, cy]).T) < 14.0).sum()  # noqa: E731
+    assert inside_mk(without.labels) >= 1  # the lobes look like nuclei on their own
+    assert inside_mk(with_mk.labels) == 0
+    assert with_mk.n_cells >= 0.9 * (without.n_cells - inside_mk(without.labels))
+
+
+def test_hspc_defaults_are_physical_units() -> None:
+    params = HspcParams()
+    assert params.working_pixel_size_um > 0 and params.min_area_um2 < params.max_area_um2
+    # The same scene at two pixel sizes gives the same nuclei (parameters are converted, not fixed in px).
+    counts = [
+        ClassicalSegmenter(mode="hspc").segment(hspc_scene(px)[0].rgb(), px).n_cells
+        for px in (0.1725, 0.25, 0.35)
+    ]
+    assert len(set(counts)) == 1
