@@ -30,7 +30,9 @@ def make_project_copy(dest: Path) -> Path:
     shutil.copytree(REPO_ROOT / "conf", dest / "conf", ignore=shutil.ignore_patterns("local"))
     (dest / "conf" / "local").mkdir()
     # Kedro wants the source folder inside the project; the code is the same as the installed package.
-    shutil.copytree(REPO_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        REPO_ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     return dest
 
 
@@ -40,5 +42,7 @@ def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.Complet
     cmd = [str(Path(sys.executable).with_name("kedro")), *args]
     result = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result

@@ -84,9 +84,16 @@ def test_bad_slide_is_named_or_skipped(demo_run: Path) -> None:
         with pytest.raises(AssertionError, match=r"not_a_slide\.czi"):
             kedro(demo_run, "run", "--pipeline", "ingestion", "--params", TINY_RUN)
         result = kedro(
-            demo_run, "run", "--pipeline", "ingestion", "--params", TINY_RUN + ",ingestion.skip_bad_slides=true"
+            demo_run,
+            "run",
+            "--pipeline",
+            "ingestion",
+            "--params",
+            TINY_RUN + ",ingestion.skip_bad_slides=true",
         )
         assert "Skipping bad slide not_a_slide" in result.stdout + result.stderr
-        assert "not_a_slide" not in json.loads((demo_run / "data" / "02_intermediate" / "slide_meta.json").read_text())
+        assert "not_a_slide" not in json.loads(
+            (demo_run / "data" / "02_intermediate" / "slide_meta.json").read_text()
+        )
     finally:
         bad.unlink()

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mk_hspc.models import Segmentation, available_plugins, create_segmenter
-from mk_hspc.models import registry
+from mk_hspc.models import Segmentation, available_plugins, create_segmenter, registry
 
 
 def test_builtin_plugins_are_registered() -> None:

@@ -15,5 +15,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     Kedro only imports the pipelines a run asks for, so the default is composed from those present.
     """
     pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum((pipelines[name] for name in DEFAULT_STAGES if name in pipelines), Pipeline([]))
+    pipelines["__default__"] = sum(
+        (pipelines[name] for name in DEFAULT_STAGES if name in pipelines), Pipeline([])
+    )
     return pipelines

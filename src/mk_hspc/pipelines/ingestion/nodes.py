@@ -39,7 +39,9 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
 
     out_dir = Path(demo["out_dir"])
     if (out_dir / "slides").resolve() != slides_path.resolve():
-        raise ValueError(f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})")
+        raise ValueError(
+            f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})"
+        )
     spec = getattr(DemoSpec, demo.get("spec", "default"))()
     spec = dataclasses.replace(spec, **(demo.get("overrides") or {}))
     logger.info("No slides in %s: writing the demo study (%d slides)", slides_path, spec.n_slides)

@@ -32,7 +32,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "tile_index",
                 name="make_tile_index",
             ),
-            node(nodes.make_tile_sample, ["tile_index", "params:ingestion"], "tile_sample", name="sample_tiles"),
+            node(
+                nodes.make_tile_sample, ["tile_index", "params:ingestion"], "tile_sample", name="sample_tiles"
+            ),
             node(
                 nodes.plot_tissue_overlays,
                 ["tissue_maps", "tile_index", "tile_sample"],

@@ -22,7 +22,9 @@ def read_slide_sheet(path: Path) -> pd.DataFrame:
     sheet = pd.read_csv(path, dtype=str)
     missing = {"slide", "group"} - set(sheet.columns)
     if missing:
-        raise ValueError(f"Slide sheet {path} lacks column(s) {sorted(missing)}; it needs 'slide' and 'group'")
+        raise ValueError(
+            f"Slide sheet {path} lacks column(s) {sorted(missing)}; it needs 'slide' and 'group'"
+        )
     return sheet
 
 
@@ -39,7 +41,9 @@ def count_cells(
     """
     px_um = {name: float(meta["pixel_size_um"]) for name, meta in slide_meta.items()}
     tiles = tile_sample.assign(
-        tissue_mm2=lambda t: t["tissue_fraction"] * t["core_w"] * t["core_h"] * t["slide"].map(px_um) ** 2 / 1e6
+        tissue_mm2=lambda t: (
+            t["tissue_fraction"] * t["core_w"] * t["core_h"] * t["slide"].map(px_um) ** 2 / 1e6
+        )
     )
     area = tiles.groupby("slide")["tissue_mm2"].sum().reindex(sorted(slide_meta), fill_value=0.0)
     area = area.rename("sampled_tissue_mm2").rename_axis("slide")
@@ -47,7 +51,9 @@ def count_cells(
     index = pd.MultiIndex.from_product([sorted(area.index), cell_types], names=["slide", "cell_type"])
     counts = cells.groupby(["slide", "cell_type"]).size().reindex(index, fill_value=0).rename("n_cells")
     table = counts.reset_index().merge(area.reset_index(), on="slide", how="left")
-    table["density_per_mm2"] = table["n_cells"] / table["sampled_tissue_mm2"].where(table["sampled_tissue_mm2"] > 0)
+    table["density_per_mm2"] = table["n_cells"] / table["sampled_tissue_mm2"].where(
+        table["sampled_tissue_mm2"] > 0
+    )
     sheet = read_slide_sheet(slide_sheet)
     table = table.merge(sheet[["slide", "group"]], on="slide", how="left")
     table["group"] = table["group"].fillna(UNGROUPED)
@@ -57,7 +63,9 @@ def count_cells(
 def cell_counts_figure(counts: pd.DataFrame) -> Figure:
     """Density per slide for each cell type, slides ordered and coloured by group."""
     cell_types = sorted(counts["cell_type"].unique())
-    fig, axes = plt.subplots(1, max(len(cell_types), 1), figsize=(5.5 * max(len(cell_types), 1), 4.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(cell_types), 1), figsize=(5.5 * max(len(cell_types), 1), 4.2), squeeze=False
+    )
     groups = sorted(counts["group"].unique())
     colours = {group: plt.get_cmap("tab10")(i % 10) for i, group in enumerate(groups)}
     for ax, cell_type in zip(axes[0], cell_types, strict=False):

@@ -54,7 +54,9 @@ def segment_sampled_tiles(
     segmentation: dict[str, Any],
 ) -> dict[str, Any]:
     """Run the plugins on every sampled tile into the tile store; finished tiles are skipped (resume)."""
-    slides = open_good_slides(raw_slides, skip_bad_slides=False, only=set(tile_sample["slide"]) & set(slide_meta))
+    slides = open_good_slides(
+        raw_slides, skip_bad_slides=False, only=set(tile_sample["slide"]) & set(slide_meta)
+    )
     segmenters, extractors = build_plugins(segmentation)
     summary = segment_tiles(
         tile_sample,
@@ -81,7 +83,10 @@ def make_cells_table(
 
 
 def summarise_cell_counts(
-    cells: pd.DataFrame, tile_sample: pd.DataFrame, slide_meta: dict[str, dict[str, Any]], ingestion: dict[str, Any]
+    cells: pd.DataFrame,
+    tile_sample: pd.DataFrame,
+    slide_meta: dict[str, dict[str, Any]],
+    ingestion: dict[str, Any],
 ) -> tuple[pd.DataFrame, Figure]:
     """Cells per slide and group, with densities per mm² of sampled tissue, and their plot."""
     counts = count_cells(cells, tile_sample, slide_meta, Path(ingestion["slide_sheet"]))
