@@ -9,16 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mk_hspc.czi import Box
 from mk_hspc.tiling import TILE_COLUMNS, axis_windows, build_tile_grid, sample_tiles, slide_tile_index
 from mk_hspc.tissue.maps import TissueMap
-
-
-@dataclass(frozen=True)
-class Box:
-    x: int
-    y: int
-    w: int
-    h: int
 
 
 @dataclass(frozen=True)

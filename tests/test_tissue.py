@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mk_hspc.czi import Box
 from mk_hspc.tiling import build_tile_grid
 from mk_hspc.tissue import (
     TissueMap,
@@ -26,14 +27,6 @@ from mk_hspc.tissue import (
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GLASS_RGB = (238, 238, 242)
-
-
-@dataclass(frozen=True)
-class Box:
-    x: int
-    y: int
-    w: int
-    h: int
 
 
 @dataclass(frozen=True)
