@@ -24,13 +24,9 @@ from mk_hspc.models.features.resnet import (
     normalised_tile,
 )
 from mk_hspc.models.features.sam2_embedding import Sam2EmbeddingFeatures, pool_embedding
+from mk_hspc.models.sam2_backbone import WHOLE_TILE_FEATURES, load_sam2_model, tile_fingerprint
 from mk_hspc.models.segmenters.cellpose_seg import CellposeSegmenter, filter_and_relabel
-from mk_hspc.models.segmenters.sam2_amg import (
-    WHOLE_TILE_FEATURES,
-    Sam2Segmenter,
-    load_sam2_model,
-    tile_fingerprint,
-)
+from mk_hspc.models.segmenters.sam2_amg import Sam2Segmenter
 from mk_hspc.models.torch_device import resolve_device
 
 SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"

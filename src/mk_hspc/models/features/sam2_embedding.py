@@ -3,7 +3,7 @@
 The encoder runs once per tile (the whole tile resized to SAM2's input size, as
 ``SAM2ImagePredictor.set_image`` does); each cell's feature vector is the mean of the embedding
 weighted by how many of the cell's pixels fall in each embedding cell. The SAM2 model is shared with
-the ``sam2`` segmenter through :func:`~mk_hspc.models.segmenters.sam2_amg.load_sam2_model` (same
+the ``sam2`` segmenter through :func:`~mk_hspc.models.sam2_backbone.load_sam2_model` (same
 config + checkpoint + device -> same object), and when the segmenter has just encoded the same tile
 its whole-tile encoding is reused instead of running the encoder again.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from scipy import sparse
 
-from mk_hspc.models.segmenters.sam2_amg import (
+from mk_hspc.models.sam2_backbone import (
     DEFAULT_CONFIG,
     WHOLE_TILE_FEATURES,
     check_sam2_config,
