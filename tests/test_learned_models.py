@@ -24,9 +24,10 @@ from mk_hspc.models.features.resnet import (
     normalised_tile,
 )
 from mk_hspc.models.features.sam2_embedding import Sam2EmbeddingFeatures, pool_embedding
-from mk_hspc.models.sam2_backbone import WHOLE_TILE_FEATURES, load_sam2_model, tile_fingerprint
+from mk_hspc.models.sam2_backbone import WHOLE_TILE_FEATURES, load_sam2_model
 from mk_hspc.models.segmenters.cellpose_seg import CellposeSegmenter, filter_and_relabel
 from mk_hspc.models.segmenters.sam2_amg import Sam2Segmenter
+from mk_hspc.models.tile_memo import tile_fingerprint
 from mk_hspc.models.torch_device import resolve_device
 
 SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
@@ -280,7 +281,7 @@ def test_sam2_embedding_equals_manual_mask_pooling_of_the_encoder_output(sam2_ti
     segmenter = _sam2_segmenter(checkpoint, crop_n_layers=0, points_per_side=2)  # only needs the encoding
     assert segmenter.generator.model is extractor.model  # one encoder in memory
     segmenter.propose(tile, 0.5)
-    assert WHOLE_TILE_FEATURES.get(extractor.model, tile_fingerprint(tile)) is not None
+    assert WHOLE_TILE_FEATURES.get(id(extractor.model), tile_fingerprint(tile)) is not None
     extractor.reuse_segmenter_encoding = True
     np.testing.assert_allclose(extractor.tile_embedding(tile), embedding, rtol=1e-5, atol=1e-6)
 

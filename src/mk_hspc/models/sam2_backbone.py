@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torchvision.transforms import functional as TF
 
+from mk_hspc.models.tile_memo import LastTileResults
 from mk_hspc.models.torch_device import require_file
 
 logger = logging.getLogger(__name__)
@@ -108,27 +107,6 @@ def encode_image(model: Any, image_rgb: torch.Tensor) -> ImageFeatures:
     return ImageFeatures(image_embed=maps[-1], high_res_feats=maps[:-1])
 
 
-def tile_fingerprint(tile_rgb: np.ndarray) -> tuple[tuple[int, ...], int]:
-    """Cheap identity of a tile's pixels (shape + CRC32, ~10 ms for 3000x3000 RGB)."""
-    return tile_rgb.shape, zlib.crc32(np.ascontiguousarray(tile_rgb).data)
-
-
-class _WholeTileFeatureCache:
-    """The last whole-tile encoder output per model, so the embedding extractor can reuse the
-    segmenter's encoding of the same tile instead of running the encoder again."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple[tuple[int, ...], int], ImageFeatures]] = {}
-        self._lock = threading.Lock()
-
-    def put(self, model: Any, fingerprint: tuple[tuple[int, ...], int], features: ImageFeatures) -> None:
-        with self._lock:
-            self._entries[id(model)] = (fingerprint, features)
-
-    def get(self, model: Any, fingerprint: tuple[tuple[int, ...], int]) -> ImageFeatures | None:
-        with self._lock:
-            entry = self._entries.get(id(model))
-        return entry[1] if entry is not None and entry[0] == fingerprint else None
-
-
-WHOLE_TILE_FEATURES = _WholeTileFeatureCache()
+# The last whole-tile encoder output per model (keyed by ``id(model)``), so the embedding extractor reuses
+# the segmenter's encoding of the same tile instead of running the encoder again.
+WHOLE_TILE_FEATURES = LastTileResults()

@@ -23,8 +23,8 @@ from mk_hspc.models.sam2_backbone import (
     check_sam2_config,
     encode_image,
     load_sam2_model,
-    tile_fingerprint,
 )
+from mk_hspc.models.tile_memo import tile_fingerprint
 from mk_hspc.models.torch_device import enable_tf32, inference_context, require_file, resolve_device
 
 
@@ -110,7 +110,7 @@ class Sam2EmbeddingFeatures:
         model = self.model
         cached = None
         if self.reuse_segmenter_encoding:
-            cached = WHOLE_TILE_FEATURES.get(model, tile_fingerprint(tile_rgb))
+            cached = WHOLE_TILE_FEATURES.get(id(model), tile_fingerprint(tile_rgb))
         if cached is None:
             with inference_context(self.device, self.use_bfloat16):
                 tile = torch.from_numpy(np.ascontiguousarray(tile_rgb)).to(self.device)

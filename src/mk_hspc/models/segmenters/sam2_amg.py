@@ -39,8 +39,8 @@ from mk_hspc.models.sam2_backbone import (
     check_sam2_config,
     encode_image,
     load_sam2_model,
-    tile_fingerprint,
 )
+from mk_hspc.models.tile_memo import tile_fingerprint
 from mk_hspc.models.torch_device import enable_tf32, inference_context, require_file, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class WindowedMaskGenerator:
         tile_box = [0, 0, int(tile.shape[1]), int(tile.shape[0])]
         features = encode_image(self.model, tile[y0:y1, x0:x1])
         if fingerprint is not None and list(crop_box) == tile_box:
-            WHOLE_TILE_FEATURES.put(self.model, fingerprint, features)
+            WHOLE_TILE_FEATURES.put(id(self.model), fingerprint, features)
         crop_hw = (y1 - y0, x1 - x0)
         crop_boxes = torch.tensor([crop_box], dtype=torch.int64, device=tile.device)
         points_for_crop = self.point_grids[layer] * np.array(crop_hw)[None, ::-1]
