@@ -298,3 +298,30 @@ def test_hspc_defaults_are_physical_units() -> None:
         for px in (0.1725, 0.25, 0.35)
     ]
     assert len(set(counts)) == 1
+
+
+def test_mk_pass_is_computed_once_per_tile_and_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hspc mode's MK exclusion reuses the mk mode's pass on the same tile, with identical results."""
+    from mk_hspc.models.segmenters import classical
+
+    rng = np.random.default_rng(3)
+    tile = np.full((400, 400, 3), 235, np.uint8)
+    yy, xx = np.mgrid[:400, :400]
+    for cy, cx in rng.integers(30, 370, size=(25, 2)):
+        tile[(yy - cy) ** 2 + (xx - cx) ** 2 < 100] = (70, 40, 120)
+    reference = classical.ClassicalSegmenter(mode="hspc").segment(tile, 0.35).labels
+
+    calls = []
+    real_pass = classical.segment_megakaryocytes
+    monkeypatch.setattr(classical, "segment_megakaryocytes", lambda *a: calls.append(1) or real_pass(*a))
+    other_tile = tile.copy()
+    other_tile[0, 0] = 0  # different pixels: a fresh pass
+    mk = classical.ClassicalSegmenter(mode="mk").segment(other_tile, 0.35)
+    hspc = classical.ClassicalSegmenter(mode="hspc").segment(other_tile, 0.35)
+    assert len(calls) == 1
+    assert mk.labels.flags.writeable and hspc.labels.flags.writeable
+    classical.ClassicalSegmenter(mode="hspc").segment(tile, 0.35)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(
+        classical.ClassicalSegmenter(mode="hspc").segment(tile, 0.35).labels, reference
+    )

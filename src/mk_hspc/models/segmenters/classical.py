@@ -32,6 +32,7 @@ from skimage.segmentation import relabel_sequential, watershed
 
 from mk_hspc.models.base import Segmentation
 from mk_hspc.models.stain import StainMaps, separate_he
+from mk_hspc.models.tile_memo import LastTileResults, tile_fingerprint
 
 MODES = ("hspc", "mk")
 
@@ -472,6 +473,9 @@ def segment_megakaryocytes(
 
 # ------------------------------------------------------------------------------------------ the plugin
 
+# The last MK pass per (MkParams, pixel size): the mk and hspc segmenters run one after the other on a tile.
+_MK_PASS = LastTileResults()
+
 
 class ClassicalSegmenter:
     """Weight-free H&E segmenter for HSPC nuclei (``mode="hspc"``) or megakaryocytes (``mode="mk"``).
@@ -520,6 +524,8 @@ class ClassicalSegmenter:
             labels, scores = self._segment_hspc(tile_rgb, pixel_size_um)
             factor = working_factor(pixel_size_um, self.params.working_pixel_size_um)
         full = unbin_labels(labels, factor, shape)
+        if not full.flags.writeable:  # the memoised MK pass at factor 1: hand out a copy
+            full = full.copy()
         # A label living only in the binning pad vanishes when cropped: renumber what is left.
         present = np.bincount(full.ravel(), minlength=len(scores) + 1) > 0
         if not present[1:].all():
@@ -528,9 +534,20 @@ class ClassicalSegmenter:
         return Segmentation(labels=full.astype(np.int32, copy=False), scores=scores.astype(np.float32))
 
     def _segment_mk(self, tile_rgb: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
+        """The MK pass at its working resolution; computed once per tile and parameter set, so the ``hspc``
+        mode's exclusion of MK lobes reuses the ``mk`` mode's result on the same tile."""
         p = self._mk_params
+        key = (repr(p), float(pixel_size_um))  # repr: parameters from YAML may hold lists
+        fingerprint = tile_fingerprint(tile_rgb)
+        cached = _MK_PASS.get(key, fingerprint)
+        if cached is not None:
+            return cached
         factor = working_factor(pixel_size_um, p.working_pixel_size_um)
-        return segment_megakaryocytes(separate_he(bin_rgb(tile_rgb, factor)), pixel_size_um * factor, p)
+        result = segment_megakaryocytes(separate_he(bin_rgb(tile_rgb, factor)), pixel_size_um * factor, p)
+        for array in result:
+            array.setflags(write=False)  # shared through the memo
+        _MK_PASS.put(key, fingerprint, result)
+        return result
 
     def _segment_hspc(self, tile_rgb: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
