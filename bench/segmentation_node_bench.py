@@ -47,9 +47,9 @@ import pandas as pd
 
 from mk_hspc.czi import open_slide
 from mk_hspc.demo import DemoSpec, make_demo_study
+from mk_hspc.engine.prefetch import release_free_heap
+from mk_hspc.engine.tile_work import SegmentationSettings, segment_tiles
 from mk_hspc.models.registry import create_feature_extractor, create_segmenter
-from mk_hspc.pipelines.segmentation.prefetch import release_free_heap
-from mk_hspc.pipelines.segmentation.tile_work import SegmentationSettings, segment_tiles
 from mk_hspc.tiling import build_tile_grid
 
 REPO = Path(__file__).resolve().parents[1]

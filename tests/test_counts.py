@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mk_hspc.pipelines.segmentation.counts import cell_counts_figure, count_cells
+from mk_hspc.counts import cell_counts_figure, count_cells
 
 
 @pytest.fixture

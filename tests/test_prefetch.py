@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mk_hspc.pipelines.segmentation.prefetch import StageError, release_free_heap, run_prefetched
+from mk_hspc.engine.prefetch import StageError, release_free_heap, run_prefetched
 
 
 class LiveItems:

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 
 from mk_hspc.czi import open_slide
-from mk_hspc.pipelines.segmentation.cells_table import build_cells_table
-from mk_hspc.pipelines.segmentation.tile_work import SegmentationSettings, segment_tiles
+from mk_hspc.engine.cells_table import build_cells_table
+from mk_hspc.engine.tile_work import SegmentationSettings, segment_tiles
 from mk_hspc.tile_store import TMP_SUFFIX, TileStatus, is_tile_done, tile_path, tile_status
 
 SLIDE_PX = (1040, 780)  # width, height

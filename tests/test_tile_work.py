@@ -12,15 +12,15 @@ import pytest
 from scipy import ndimage
 from skimage.segmentation import relabel_sequential
 
-from mk_hspc.models.base import Segmentation
-from mk_hspc.pipelines.segmentation.cells_table import build_cells_table, load_features
-from mk_hspc.pipelines.segmentation.tile_work import (
+from mk_hspc.engine.cells_table import build_cells_table, load_features
+from mk_hspc.engine.tile_work import (
     SegmentationSettings,
     TileSpec,
     compute_params_hash,
     process_tile,
     segment_tiles,
 )
+from mk_hspc.models.base import Segmentation
 from mk_hspc.tile_store import read_tile_result
 
 PIXEL_SIZE_UM = 0.5

@@ -37,7 +37,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TILE_SUFFIX = ".h5"
 TMP_SUFFIX = ".h5.tmp"
 _COMPLETE_ATTR = "complete"
@@ -117,8 +117,14 @@ def tile_status(
     slide: str | None = None,
     window: Iterable[int] | None = None,
     core: Iterable[int] | None = None,
+    pixel_size_um: float | None = None,
 ) -> TileStatus:
-    """Classify a tile's final file; ``window``/``core`` (when given) must match the stored ones too."""
+    """Classify a tile's final file; ``window``/``core``/``pixel_size_um`` (when given) must match too.
+
+    A result is only as current as everything it was made from: the run's ``params_hash`` (plugins, code,
+    packages, weights, conf), the slide's pixel size (µm columns and µm-based parameters depend on it) and
+    the tile's geometry.
+    """
     path = tile_path(store_dir, tile_id, slide)
     if not path.exists():
         return TileStatus.MISSING
@@ -135,6 +141,8 @@ def tile_status(
             if window is not None and tuple(attrs["window"].tolist()) != tuple(int(v) for v in window):
                 return TileStatus.STALE
             if core is not None and tuple(attrs["core"].tolist()) != tuple(int(v) for v in core):
+                return TileStatus.STALE
+            if pixel_size_um is not None and float(attrs["pixel_size_um"]) != float(pixel_size_um):
                 return TileStatus.STALE
     except (OSError, KeyError, ValueError) as exc:
         logger.warning("Tile file %s is unreadable (%s); it will be recomputed", path, exc)

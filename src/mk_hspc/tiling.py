@@ -21,7 +21,7 @@ from mk_hspc.tissue.protocols import BoxLike, SlideMetaLike
 
 TILE_COLUMNS = [
     "tile_id", "slide", "scene", "row", "col", "x", "y", "w", "h",
-    "core_x", "core_y", "core_w", "core_h", "tissue_fraction", "is_tissue",
+    "core_x", "core_y", "core_w", "core_h", "tissue_fraction", "core_tissue_fraction", "is_tissue",
 ]  # fmt: skip
 
 
@@ -118,7 +118,9 @@ def slide_tile_index(
     """Tile index of one slide: every scene's grid with each window's tissue fraction from ``tissue_map``.
 
     ``meta`` is a ``SlideMeta`` or its ``to_dict()`` form. ``is_tissue`` is ``tissue_fraction >=
-    min_tissue_fraction``. Without a map every fraction is NaN and no tile is a tissue tile.
+    min_tissue_fraction`` (the window decides whether a tile is worth segmenting); ``core_tissue_fraction``
+    is the tissue fraction of the core, the area the tile's cells are counted in (densities use it). Without
+    a map every fraction is NaN and no tile is a tissue tile.
     """
     name, scenes = _meta_fields(meta)
     rows = [
@@ -126,12 +128,16 @@ def slide_tile_index(
     ]
     frame = pd.DataFrame(rows, columns=TILE_COLUMNS[:-2])
     if tissue_map is None:
-        fractions = np.full(len(frame), np.nan)
+        fractions = core_fractions = np.full(len(frame), np.nan)
     else:
         if tissue_map.slide != name:
             raise ValueError(f"tissue map of {tissue_map.slide!r} given for slide {name!r}")
         fractions = tissue_map.window_fractions(frame["x"], frame["y"], frame["w"], frame["h"])
+        core_fractions = tissue_map.window_fractions(
+            frame["core_x"], frame["core_y"], frame["core_w"], frame["core_h"]
+        )
     frame["tissue_fraction"] = fractions
+    frame["core_tissue_fraction"] = core_fractions
     frame["is_tissue"] = frame["tissue_fraction"] >= min_tissue_fraction
     return frame.astype({"scene": "int64", "row": "int64", "col": "int64"})
 
@@ -142,16 +148,22 @@ def build_tile_grid(
     *,
     tile_px: int = 3000,
     overlap_px: int = 0,
+    overlap_um: float | None = None,
     min_tissue_fraction: float = 0.15,
 ) -> pd.DataFrame:
     """Tile index of a study: :func:`slide_tile_index` of every slide, concatenated, sorted by ``tile_id``.
 
     ``slide_meta`` maps slide name to metadata (object or dict), or is an iterable of metadata objects.
+    ``overlap_um`` (when given) sets each slide's overlap from its own pixel size, ``ceil(overlap_um /
+    pixel_size_um)`` px, instead of ``overlap_px``: a cell is kept whole by exactly one tile only when the
+    overlap is at least its diameter, and cell sizes are physical.
     """
     metas = list(slide_meta.values()) if isinstance(slide_meta, Mapping) else list(slide_meta)
     frames = []
     for meta in metas:
         name, _ = _meta_fields(meta)
+        if overlap_um is not None:
+            overlap_px = overlap_px_for(overlap_um, _pixel_size_um(meta), tile_px)
         frames.append(
             slide_tile_index(
                 meta,
@@ -164,6 +176,21 @@ def build_tile_grid(
     if not frames:
         return pd.DataFrame(columns=TILE_COLUMNS)
     return pd.concat(frames, ignore_index=True).sort_values("tile_id", ignore_index=True)
+
+
+def overlap_px_for(overlap_um: float, pixel_size_um: float, tile_px: int) -> int:
+    """The overlap in px that covers ``overlap_um`` at ``pixel_size_um``; an error when it eats the tile."""
+    overlap_px = math.ceil(overlap_um / pixel_size_um - 1e-9)
+    if overlap_px * 2 >= tile_px:
+        raise ValueError(
+            f"an overlap of {overlap_um} µm is {overlap_px} px at {pixel_size_um} µm/px, too large for "
+            f"tile_px={tile_px} (the overlap must be under half the tile); raise tile_px"
+        )
+    return overlap_px
+
+
+def _pixel_size_um(meta: SlideMetaLike | Mapping[str, Any]) -> float:
+    return float(meta["pixel_size_um"] if isinstance(meta, Mapping) else meta.pixel_size_um)
 
 
 def _draw_key(seed: int, tile_id: str) -> bytes:

@@ -111,7 +111,14 @@ def make_tile_index(
 ) -> pd.DataFrame:
     """The tile grid of every slide with each tile's tissue fraction."""
     loaded = {name: tissue_maps[name]() for name in sorted(slide_meta)}
-    return build_tile_grid(slide_meta, loaded, **ingestion["tiles"])
+    tiles = ingestion["tiles"]
+    return build_tile_grid(
+        slide_meta,
+        loaded,
+        tile_px=tiles["tile_px"],
+        overlap_um=tiles["largest_cell_um"],
+        min_tissue_fraction=tiles["min_tissue_fraction"],
+    )
 
 
 def make_tile_sample(tile_index: pd.DataFrame, ingestion: dict[str, Any]) -> pd.DataFrame:

@@ -14,13 +14,13 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mk_hspc.counts import cell_counts_figure, count_cells
 from mk_hspc.czi import CziSlide
+from mk_hspc.engine.cells_table import build_cells_table
+from mk_hspc.engine.tile_work import SegmentationSettings, segment_tiles
 from mk_hspc.models import create_feature_extractor, create_segmenter
 from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, plugin_class
 from mk_hspc.pipelines.ingestion.nodes import open_good_slides
-from mk_hspc.pipelines.segmentation.cells_table import build_cells_table
-from mk_hspc.pipelines.segmentation.counts import cell_counts_figure, count_cells
-from mk_hspc.pipelines.segmentation.tile_work import SegmentationSettings, segment_tiles
 
 logger = logging.getLogger(__name__)
 

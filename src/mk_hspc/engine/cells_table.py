@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mk_hspc.pipelines.segmentation.tile_work import CELL_COLUMNS
+from mk_hspc.engine.tile_work import CELL_COLUMNS
 from mk_hspc.tile_store import read_tile_result, tile_path
 
 LEADING_COLUMNS = (

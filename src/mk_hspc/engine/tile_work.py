@@ -7,13 +7,11 @@ prefetch engine into the per-tile HDF5 store, skipping tiles already done with t
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +19,9 @@ import numpy as np
 import pandas as pd
 from skimage.measure import regionprops_table
 
+from mk_hspc.engine.fingerprint import run_fingerprint
+from mk_hspc.engine.prefetch import release_free_heap, run_prefetched
 from mk_hspc.models.base import FeatureExtractor, Segmentation, Segmenter
-from mk_hspc.pipelines.segmentation.prefetch import release_free_heap, run_prefetched
 from mk_hspc.tile_store import (
     FORMAT_VERSION,
     TileResult,
@@ -149,54 +148,17 @@ class RunSummary:
         return asdict(self)
 
 
-def plugin_fingerprint(plugin: object) -> dict:
-    """Deterministic description of a plugin: class, name and its simple-valued parameters.
-
-    Parameters are the plugin's public attributes (a ``params`` mapping or dataclass included); values that
-    are not plain data (models, tensors) are left out, so the fingerprint is stable across runs.
-    """
-    raw = (
-        {k: v for k, v in vars(plugin).items() if not k.startswith("_")}
-        if hasattr(plugin, "__dict__")
-        else {}
-    )
-    if "params" not in raw and getattr(plugin, "params", None) is not None:
-        raw["params"] = plugin.params  # e.g. a property
-    params = {}
-    for name, value in sorted(raw.items()):
-        simple = _plain(value)
-        if simple is not _NOT_PLAIN:
-            params[str(name)] = simple
-    cls = type(plugin)
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "name": getattr(plugin, "name", ""),
-        "params": params,
-    }
-
-
 def compute_params_hash(
     segmenters: Mapping[str, Segmenter],
     feature_extractors: Sequence[FeatureExtractor] = (),
     params: Mapping[str, Any] | None = None,
 ) -> str:
-    """Fingerprint of everything that determines a tile's result (changes => tiles are recomputed).
+    """Fingerprint of everything run-wide that determines a tile's result (changes => tiles recomputed).
 
-    Args:
-        segmenters: ``cell_type -> segmenter``.
-        feature_extractors: extractors in run order.
-        params: extra configuration to include (e.g. the ``segmentation`` parameters from ``conf/``).
+    See :mod:`mk_hspc.engine.fingerprint`: plugin parameters (normalised, weights by content), plugin code
+    and package versions, feature columns, and ``params`` (e.g. the ``segmentation`` conf block).
     """
-    extra = _plain(dict(params or {}))
-    if extra is _NOT_PLAIN:
-        raise TypeError("params must be plain data (numbers, strings, lists, mappings) to be hashed")
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "segmenters": {cell_type: plugin_fingerprint(seg) for cell_type, seg in segmenters.items()},
-        "features": [plugin_fingerprint(extractor) for extractor in feature_extractors],
-        "params": extra,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return run_fingerprint(segmenters, feature_extractors, params, format_version=FORMAT_VERSION)
 
 
 def process_tile(
@@ -210,7 +172,8 @@ def process_tile(
     """Segment one tile with every segmenter, keep the cells it owns, describe them.
 
     A cell is owned by the tile whose core window contains its centroid (absolute px, pixel-index
-    convention), so with overlapping tiles each cell is kept exactly once. Kept cells are relabelled 1..N
+    convention) and that sees it whole (not cut by an inner window edge), so with tiles overlapping by at
+    least the largest cell's diameter each cell is kept exactly once, whole. Kept cells are relabelled 1..N
     in the order of their original labels (deterministic), and ids follow the contract
     ``f"{tile_id}_{cell_type}_{label:05d}"``.
 
@@ -304,11 +267,18 @@ def segment_tiles(
         TileSpec.from_record(rec) for rec in tile_sample.loc[:, list(TILE_COLUMNS)].to_dict("records")
     )
 
+    pixel_sizes_um = {name: float(slides[name].meta.pixel_size_um) for name in {s.slide for s in specs}}
     todo: list[TileSpec] = []
     redo: dict[TileStatus, list[str]] = {TileStatus.STALE: [], TileStatus.INVALID: []}
     for spec in specs:
         status = tile_status(
-            store_dir, spec.tile_id, params_hash, slide=spec.slide, window=spec.window, core=spec.core
+            store_dir,
+            spec.tile_id,
+            params_hash,
+            slide=spec.slide,
+            window=spec.window,
+            core=spec.core,
+            pixel_size_um=pixel_sizes_um[spec.slide],
         )
         if status is not TileStatus.DONE:
             todo.append(spec)
@@ -334,8 +304,6 @@ def segment_tiles(
         len(todo),
         params_hash,
     )
-
-    pixel_sizes_um = {name: float(slides[name].meta.pixel_size_um) for name in {s.slide for s in specs}}
 
     def read(spec: TileSpec) -> np.ndarray:
         return _normalise_tile(slides[spec.slide].read_region(spec.x, spec.y, spec.w, spec.h), spec)
@@ -403,6 +371,7 @@ def _owned_cells(
         & (centroid_x_px < spec.core_x + spec.core_w)
         & (centroid_y_px >= spec.core_y)
         & (centroid_y_px < spec.core_y + spec.core_h)
+        & ~_cut_by_window_edge(props, spec)
     )
     old_labels = props["label"][owned].astype(np.int64)
     n_kept = len(old_labels)
@@ -438,6 +407,22 @@ def _owned_cells(
         columns=list(CELL_COLUMNS),
     )
     return kept_image, cells
+
+
+def _cut_by_window_edge(props: Mapping[str, np.ndarray], spec: TileSpec) -> np.ndarray:
+    """Cells touching a window edge that is not the scene's edge: the tile sees only part of them.
+
+    A window edge is a scene edge exactly where the core reaches it (first and last tiles of a scene). A cell
+    cut by an inner edge is seen whole by the neighbour (the overlap is at least the largest cell), so
+    keeping the cut part would split or truncate it; its centroid can even fall in this tile's core.
+    """
+    min_row, min_col, max_row, max_col = (props[f"bbox-{i}"] for i in range(4))
+    return (
+        ((min_col == 0) & (spec.core_x > spec.x))
+        | ((max_col == spec.w) & (spec.core_x + spec.core_w < spec.x + spec.w))
+        | ((min_row == 0) & (spec.core_y > spec.y))
+        | ((max_row == spec.h) & (spec.core_y + spec.core_h < spec.y + spec.h))
+    )
 
 
 def _every(n_calls: int | None, func: Callable[[], Any]) -> Callable[[], None] | None:
@@ -515,25 +500,3 @@ def _empty_cells() -> pd.DataFrame:
     )
     dtypes |= dict.fromkeys(("area_px", "bbox_x", "bbox_y", "bbox_w", "bbox_h"), np.int64)
     return pd.DataFrame({name: pd.Series([], dtype=dtypes[name]) for name in CELL_COLUMNS})
-
-
-_NOT_PLAIN = object()
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as plain JSON data, or ``_NOT_PLAIN`` when it is not data (a model, a tensor, ...)."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if is_dataclass(value) and not isinstance(value, type):
-        return _plain(asdict(value))
-    if isinstance(value, list | tuple):
-        items = [_plain(v) for v in value]
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
-    if isinstance(value, Mapping):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
-    return _NOT_PLAIN
