@@ -1,8 +1,8 @@
-"""Cell counts and densities per slide and group, from the cells table and the sampled tissue area."""
+"""Cell counts and densities per slide and group, from the cells table and the sampled tissue area (cores)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -12,51 +12,60 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-UNGROUPED = "ungrouped"
-
-
-def read_slide_sheet(path: Path) -> pd.DataFrame:
-    """The lab's slide -> group table; slides missing from it (or no sheet at all) are 'ungrouped'."""
-    if not path.is_file():
-        return pd.DataFrame({"slide": pd.Series(dtype=str), "group": pd.Series(dtype=str)})
-    sheet = pd.read_csv(path, dtype=str)
-    missing = {"slide", "group"} - set(sheet.columns)
-    if missing:
-        raise ValueError(
-            f"Slide sheet {path} lacks column(s) {sorted(missing)}; it needs 'slide' and 'group'"
-        )
-    return sheet
-
 
 def count_cells(
     cells: pd.DataFrame,
     tile_sample: pd.DataFrame,
-    slide_meta: dict[str, dict[str, Any]],
-    slide_sheet: Path,
+    slide_meta: Mapping[str, Mapping[str, Any]],
+    slide_groups: pd.DataFrame,
+    cell_types: Sequence[str],
 ) -> pd.DataFrame:
-    """One row per slide and cell type: count, sampled tissue area (mm²) and density (cells / mm²).
+    """One row per slide and configured cell type: count, sampled tissue area (mm²) and density (cells / mm²).
 
-    Every slide of ``slide_meta`` gets rows, also one that no sampled tile fell on (area 0, density NaN), so a
-    missing slide is visible in the report rather than silently absent.
+    A tile's cells are those whose centroid is in its core, so its tissue area is the core's area times the
+    core's tissue fraction (not the window's, which overlaps the neighbours). Every slide of ``slide_meta``
+    gets a row per cell type, zeros included, also a slide that no sampled tile fell on (area 0, density
+    NaN): a missing slide is visible in the report rather than silently absent.
+
+    Args:
+        cells: the cells table (``slide``, ``cell_type``).
+        tile_sample: the sampled tiles (``slide``, ``core_w``, ``core_h``, ``core_tissue_fraction``).
+        slide_meta: ``slide -> metadata`` with ``pixel_size_um``; the slides to report.
+        slide_groups: one row per slide (``slide``, ``group``), from the validated slide sheet.
+        cell_types: the configured cell types (e.g. the segmenters' keys).
     """
-    px_um = {name: float(meta["pixel_size_um"]) for name, meta in slide_meta.items()}
-    tiles = tile_sample.assign(
-        tissue_mm2=lambda t: (
-            t["tissue_fraction"] * t["core_w"] * t["core_h"] * t["slide"].map(px_um) ** 2 / 1e6
+    if "core_tissue_fraction" not in tile_sample.columns:
+        raise ValueError(
+            "tile_sample has no core_tissue_fraction column (made by an older version); rerun ingestion"
         )
+    slides = sorted(slide_meta)
+    px_um = pd.Series({name: float(slide_meta[name]["pixel_size_um"]) for name in slides}, dtype=float)
+    pixel_area_mm2 = tile_sample["slide"].astype(str).map(px_um).astype(float) ** 2 / 1e6
+    tissue_mm2 = (
+        tile_sample["core_tissue_fraction"].astype(float)
+        * tile_sample["core_w"].astype(float)
+        * tile_sample["core_h"].astype(float)
+        * pixel_area_mm2
     )
-    area = tiles.groupby("slide")["tissue_mm2"].sum().reindex(sorted(slide_meta), fill_value=0.0)
-    area = area.rename("sampled_tissue_mm2").rename_axis("slide")
-    cell_types = sorted(cells["cell_type"].unique()) if len(cells) else []
-    index = pd.MultiIndex.from_product([sorted(area.index), cell_types], names=["slide", "cell_type"])
-    counts = cells.groupby(["slide", "cell_type"]).size().reindex(index, fill_value=0).rename("n_cells")
+    area = tissue_mm2.groupby(tile_sample["slide"].astype(str)).sum().reindex(slides, fill_value=0.0)
+    area = area.astype(float).rename("sampled_tissue_mm2").rename_axis("slide")
+    index = pd.MultiIndex.from_product([slides, sorted(cell_types)], names=["slide", "cell_type"])
+    counts = (
+        cells.groupby([cells["slide"].astype(str), cells["cell_type"].astype(str)])
+        .size()
+        .reindex(index, fill_value=0)
+        .astype("int64")
+        .rename("n_cells")
+    )
     table = counts.reset_index().merge(area.reset_index(), on="slide", how="left")
     table["density_per_mm2"] = table["n_cells"] / table["sampled_tissue_mm2"].where(
         table["sampled_tissue_mm2"] > 0
     )
-    sheet = read_slide_sheet(slide_sheet)
-    table = table.merge(sheet[["slide", "group"]], on="slide", how="left")
-    table["group"] = table["group"].fillna(UNGROUPED)
+    groups = slide_groups.set_index("slide")["group"]
+    ungrouped = sorted(set(slides) - set(groups.index))
+    if ungrouped:
+        raise ValueError(f"slide_groups has no group for slide(s) {ungrouped}; rerun ingestion")
+    table["group"] = table["slide"].map(groups)
     return table[["slide", "group", "cell_type", "n_cells", "sampled_tissue_mm2", "density_per_mm2"]]
 
 

@@ -6,6 +6,11 @@ git-ignored, the default run env) and `gpu` (learned models: ``kedro run --env g
 
 from kedro.config import OmegaConfigLoader
 
+from mk_hspc.hooks import ProvenanceHooks, RunLockHooks
+
+# Run lock first: a refused second run must not touch anything.
+HOOKS = (RunLockHooks(), ProvenanceHooks())
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

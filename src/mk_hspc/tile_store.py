@@ -171,9 +171,7 @@ def write_tile_result(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
-        with h5py.File(tmp, "w", track_order=True) as h5:
-            _write_contents(h5, result, label_chunk_px)
-            h5.attrs[_COMPLETE_ATTR] = True  # last: a file without it is never trusted
+        _write_file(tmp, result, label_chunk_px)
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, final)
@@ -232,6 +230,25 @@ def read_tile_result(
             features=features,
             segmenters=json.loads(attrs["segmenters"]),
         )
+
+
+def _write_file(path: Path, result: TileResult, label_chunk_px: int) -> None:
+    """Write and close the HDF5 file; on any error the file object is closed here, never left to the GC.
+
+    A write that fails (a full disk) leaves HDF5 with dirty buffers; if the ``File`` object then survives in
+    the traceback, the garbage collector finalises it at interpreter exit, when h5py's machinery is half torn
+    down, which crashed the process (segfault) after the correct error message.
+    """
+    h5 = h5py.File(path, "w", track_order=True)
+    try:
+        _write_contents(h5, result, label_chunk_px)
+        h5.attrs[_COMPLETE_ATTR] = True  # last: a file without it is never trusted
+    except BaseException:
+        with contextlib.suppress(Exception):
+            h5.close()
+        del h5
+        raise
+    h5.close()
 
 
 def _write_contents(h5: h5py.File, result: TileResult, label_chunk_px: int) -> None:

@@ -55,6 +55,7 @@ class EngineStats:
     max_in_flight: int = 0
     totals: dict[str, int] = field(default_factory=dict)
     busy_s: dict[str, float] = field(default_factory=dict)  # summed time inside read / process / write
+    failures: list[StageError] = field(default_factory=list)  # items skipped under ``isolate_failures``
 
     @property
     def items_per_s(self) -> float:
@@ -89,7 +90,17 @@ class _Run:
         self.n_done = 0
         self.totals: Counter[str] = Counter()
         self.busy_s: Counter[str] = Counter()
+        self.failures: list[StageError] = []
         self._bar = bar
+
+    def skip(self, stage: str, key: str, exc: BaseException) -> None:
+        """Record an item's failure and go on with the others (``isolate_failures``)."""
+        error = StageError(stage, key, exc)
+        error.__cause__ = exc
+        with self._lock:
+            self.in_flight -= 1
+            self.failures.append(error)
+            self._bar.update(1)
 
     def fail(self, stage: str, key: str, exc: BaseException) -> None:
         with self._lock:
@@ -160,6 +171,7 @@ def run_prefetched(
     total: int | None = None,
     on_item_done: Callable[[], Any] | None = None,
     poll_interval_s: float = 0.05,
+    isolate_failures: bool = False,
 ) -> EngineStats:
     """Run ``write(item, process(item, read(item)))`` for every item with overlapped stages.
 
@@ -180,6 +192,9 @@ def run_prefetched(
         on_item_done: called by a writer thread once an item is written and its data dropped (e.g.
             :func:`release_free_heap`).
         poll_interval_s: how often blocked threads look at the stop flag (bounds the stop latency).
+        isolate_failures: an item whose read or process raises an ``Exception`` is recorded in
+            ``EngineStats.failures`` and the run goes on with the other items (one bad region must not stop a
+            study). Write failures still stop the run: they concern the output, not the item (a full disk).
 
     Raises:
         StageError: the first failure of any stage, naming the item; the other stages are stopped.
@@ -204,6 +219,12 @@ def run_prefetched(
             run.started()
             try:
                 data = run.timed("read", read, item)
+            except Exception as exc:
+                if isolate_failures:
+                    run.skip("read", key(item), exc)
+                    return True
+                run.fail("read", key(item), exc)
+                return False
             except BaseException as exc:  # reported to the caller as StageError
                 run.fail("read", key(item), exc)
                 return False
@@ -251,7 +272,7 @@ def run_prefetched(
             with _sigterm_as_exit():
                 for thread in readers + writers:
                     thread.start()
-                _model_loop(run, read_q, write_q, process, key, n_readers)
+                _model_loop(run, read_q, write_q, process, key, n_readers, isolate_failures)
         finally:
             # Reached after the last item, a failure, Ctrl-C or SIGTERM alike: readers stop, writers finish
             # the bounded backlog and end (unless writing itself failed), then every thread is joined.
@@ -272,6 +293,7 @@ def run_prefetched(
         max_in_flight=run.max_in_flight,
         totals=dict(run.totals),
         busy_s=dict(run.busy_s),
+        failures=list(run.failures),
     )
 
 
@@ -282,6 +304,7 @@ def _model_loop(
     process: Callable[[Any, Any], Any],
     key: Callable[[Any], str],
     n_readers: int,
+    isolate_failures: bool = False,
 ) -> None:
     """Process items as they arrive until every reader has finished or the run stops."""
     finished_readers = 0
@@ -296,7 +319,11 @@ def _model_loop(
         del got  # drop the queue's tuple so the tile can be freed as soon as ``process`` is done with it
         try:
             result = run.timed("process", process, item, data)
-        except Exception as exc:  # reported to the caller as StageError
+        except Exception as exc:  # reported to the caller as StageError, or recorded and skipped
+            del data
+            if isolate_failures:
+                run.skip("process", key(item), exc)
+                continue
             run.fail("process", key(item), exc)
             return
         del data

@@ -143,6 +143,8 @@ class RunSummary:
     max_tiles_in_flight: int = 0
     removed_temporary_files: int = 0
     busy_s: dict[str, float] = field(default_factory=dict)
+    # Tiles whose read or segmentation failed (``isolate_failures``): tile_id, slide, stage, error.
+    failed_tiles: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,6 +240,7 @@ def segment_tiles(
     settings: SegmentationSettings | None = None,
     *,
     params: Mapping[str, Any] | None = None,
+    isolate_failures: bool = False,
 ) -> RunSummary:
     """Segment every tile of ``tile_sample`` into ``store_dir``, resuming where a previous run stopped.
 
@@ -254,6 +257,8 @@ def segment_tiles(
         feature_extractors: run on the kept cells.
         settings: threads, queue bounds, progress bar, durability.
         params: extra configuration folded into the parameters hash (e.g. the conf block).
+        isolate_failures: a tile that fails to read or segment is recorded in ``failed_tiles`` (with its
+            slide and error) and the run goes on; without it the first failure stops the run.
 
     Returns:
         A :class:`RunSummary` (counts, throughput, queue high-water marks).
@@ -331,13 +336,24 @@ def segment_tiles(
         description="segmentation",
         describe=lambda result: _cells_per_type(result, segmenters),
         on_item_done=_every(settings.release_memory_every_tiles, release_free_heap),
+        isolate_failures=isolate_failures,
     )
+    spec_by_key = {f"tile {spec.tile_id}": spec for spec in todo}
+    failed_tiles = [
+        {
+            "tile_id": spec_by_key[error.item_key].tile_id,
+            "slide": spec_by_key[error.item_key].slide,
+            "stage": error.stage,
+            "error": str(error.__cause__ or error),
+        }
+        for error in stats.failures
+    ]
     elapsed_s = time.perf_counter() - started
     return RunSummary(
         params_hash=params_hash,
         n_tiles=len(specs),
         n_skipped=len(specs) - len(todo),
-        n_processed=stats.n_items,
+        n_processed=stats.n_items,  # written tiles (failed ones not included)
         n_recomputed=n_recomputed,
         n_cells=dict(stats.totals),
         elapsed_s=elapsed_s,
@@ -347,6 +363,7 @@ def segment_tiles(
         max_tiles_in_flight=stats.max_in_flight,
         removed_temporary_files=len(removed),
         busy_s=stats.busy_s,
+        failed_tiles=sorted(failed_tiles, key=lambda failure: failure["tile_id"]),
     )
 
 

@@ -1,14 +1,15 @@
 """Segmentation nodes: sampled tiles -> tile store (HDF5 per tile) -> cells table -> counts.
 
-Thin wrappers over ``tile_work`` (the prefetching, resumable run) and ``cells_table``.
+Thin wrappers over ``mk_hspc.engine`` (the prefetching, resumable tile work, executed by the tile store
+dataset) and ``mk_hspc.counts``.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -16,11 +17,12 @@ from matplotlib.figure import Figure
 
 from mk_hspc.counts import cell_counts_figure, count_cells
 from mk_hspc.czi import CziSlide
+from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.cells_table import build_cells_table
-from mk_hspc.engine.tile_work import SegmentationSettings, segment_tiles
+from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.engine.tile_work import SegmentationSettings
 from mk_hspc.models import create_feature_extractor, create_segmenter
 from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, plugin_class
-from mk_hspc.pipelines.ingestion.nodes import open_good_slides
 
 logger = logging.getLogger(__name__)
 
@@ -47,47 +49,71 @@ def build_plugins(segmentation: Mapping[str, Any]) -> tuple[dict[str, Any], list
     return segmenters, extractors
 
 
+def check_overlap_covers_cells(segmenters: Mapping[str, Any], largest_cell_um: float) -> None:
+    """Refuse segmenters that may report cells wider than the tile overlap (they could be split or cut).
+
+    A segmenter's bound is its ``max_area_um2`` (attribute or ``params`` field); a cell of that area is at
+    least ``2 sqrt(area / pi)`` µm across. Segmenters without a bound are logged, since nothing can be
+    checked.
+    """
+    for cell_type, segmenter in segmenters.items():
+        max_area_um2 = getattr(segmenter, "max_area_um2", None)
+        if max_area_um2 is None:
+            max_area_um2 = getattr(getattr(segmenter, "params", None), "max_area_um2", None)
+        if max_area_um2 is None:
+            logger.warning(
+                "The %s segmenter has no max_area_um2: cells wider than the %.0f µm tile overlap "
+                "(ingestion.tiles.largest_cell_um) could be split at tile edges",
+                cell_type,
+                largest_cell_um,
+            )
+            continue
+        diameter_um = 2.0 * math.sqrt(float(max_area_um2) / math.pi)
+        if diameter_um > largest_cell_um:
+            raise ValueError(
+                f"segmentation.segmenters.{cell_type}: max_area_um2 = {max_area_um2} allows cells "
+                f"{diameter_um:.1f} µm across, more than ingestion.tiles.largest_cell_um = {largest_cell_um} "
+                "(the tile overlap); raise largest_cell_um to at least that, or lower max_area_um2"
+            )
+
+
 def segment_sampled_tiles(
     tile_sample: pd.DataFrame,
-    slide_meta: dict[str, dict[str, Any]],
     raw_slides: Mapping[str, Callable[[], CziSlide]],
     segmentation: dict[str, Any],
-) -> dict[str, Any]:
-    """Run the plugins on every sampled tile into the tile store; finished tiles are skipped (resume)."""
-    slides = open_good_slides(
-        raw_slides, skip_bad_slides=False, only=set(tile_sample["slide"]) & set(slide_meta)
-    )
+    ingestion: dict[str, Any],
+) -> SegmentationPlan:
+    """The segmentation of every sampled tile, run by the tile store dataset as it saves (resumable)."""
     segmenters, extractors = build_plugins(segmentation)
-    summary = segment_tiles(
-        tile_sample,
-        slides,
-        Path(segmentation["tile_store_dir"]),
-        segmenters,
-        extractors,
-        SegmentationSettings(**segmentation.get("runtime", {})),
+    check_overlap_covers_cells(segmenters, float(ingestion["tiles"]["largest_cell_um"]))
+    return SegmentationPlan(
+        tile_sample=tile_sample,
+        slide_openers=raw_slides,
+        segmenters=segmenters,
+        feature_extractors=extractors,
+        settings=SegmentationSettings(**segmentation.get("runtime", {})),
         params={"segmenters": segmentation["segmenters"], "features": segmentation.get("features")},
     )
-    for slide in slides.values():
-        slide.close()
-    logger.info("Segmentation run: %s", summary.to_dict())
-    return summary.to_dict()
 
 
-def make_cells_table(
-    segmentation_run: dict[str, Any], tile_sample: pd.DataFrame, segmentation: dict[str, Any]
-) -> pd.DataFrame:
+def make_cells_table(tile_store: TileStore, tile_sample: pd.DataFrame) -> pd.DataFrame:
     """One row per kept cell of the sampled tiles, with stable cell ids and morphology."""
-    return build_cells_table(
-        Path(segmentation["tile_store_dir"]), tile_sample, params_hash=segmentation_run["params_hash"]
-    )
+    missing = sorted(set(tile_sample["tile_id"].astype(str)) - set(tile_store.tiles))
+    if missing:
+        raise ValueError(
+            f"the tile store {tile_store.root} lacks {len(missing)} sampled tile(s), e.g. {missing[:3]}; "
+            "run segmentation again"
+        )
+    return build_cells_table(tile_store.root, tile_sample, params_hash=tile_store.params_hash)
 
 
 def summarise_cell_counts(
     cells: pd.DataFrame,
     tile_sample: pd.DataFrame,
     slide_meta: dict[str, dict[str, Any]],
-    ingestion: dict[str, Any],
+    slide_groups: pd.DataFrame,
+    segmentation: dict[str, Any],
 ) -> tuple[pd.DataFrame, Figure]:
     """Cells per slide and group, with densities per mm² of sampled tissue, and their plot."""
-    counts = count_cells(cells, tile_sample, slide_meta, Path(ingestion["slide_sheet"]))
+    counts = count_cells(cells, tile_sample, slide_meta, slide_groups, sorted(segmentation["segmenters"]))
     return counts, cell_counts_figure(counts)

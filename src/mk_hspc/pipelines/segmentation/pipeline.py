@@ -10,19 +10,19 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.segment_sampled_tiles,
-                ["tile_sample", "slide_meta", "raw_slides", "params:segmentation"],
-                "segmentation_run",
+                ["tile_sample", "raw_slides", "params:segmentation", "params:ingestion"],
+                "tile_store",
                 name="segment_sampled_tiles",
             ),
             node(
                 nodes.make_cells_table,
-                ["segmentation_run", "tile_sample", "params:segmentation"],
+                ["tile_store", "tile_sample"],
                 "cells",
                 name="make_cells_table",
             ),
             node(
                 nodes.summarise_cell_counts,
-                ["cells", "tile_sample", "slide_meta", "params:ingestion"],
+                ["cells", "tile_sample", "slide_meta", "slide_groups", "params:segmentation"],
                 ["cell_counts", "cell_counts_plot"],
                 name="summarise_cell_counts",
             ),

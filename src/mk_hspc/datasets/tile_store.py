@@ -1,0 +1,162 @@
+"""The per-tile HDF5 store as a Kedro dataset: saved by executing a segmentation plan, loaded lazily per tile.
+
+Files and trust rules of each tile: :mod:`mk_hspc.tile_store`. At the store level, a manifest
+``<store>.manifest.json`` is written only when every tile of the plan is done; it lists the tiles with the
+size and mtime of their files, the run's parameters hash, the run summary and the lineage. Without a valid
+manifest the store does not "exist" for Kedro (``--only-missing-outputs`` reruns segmentation, which resumes)
+and cannot be loaded; a tile file changed or removed since is refused at load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+from mk_hspc.datasets.atomic import StaleOutputError, manifest_path, read_manifest, write_json_atomic
+from mk_hspc.engine.fingerprint import digest
+from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.tile_store import TileResult, read_tile_result, tile_path
+
+FAILURES_NAME = "failures.json"
+
+
+class TileFailuresError(DatasetError):
+    """Some tiles could not be read or segmented; every other tile was processed and written."""
+
+    def __init__(self, failed_tiles: Sequence[Mapping[str, str]], failures_file: Path) -> None:
+        lines = [f"  {f['tile_id']} ({f['stage']}): {f['error']}" for f in failed_tiles[:10]]
+        more = f"\n  ... and {len(failed_tiles) - 10} more" if len(failed_tiles) > 10 else ""
+        super().__init__(
+            f"{len(failed_tiles)} tile(s) failed; all other tiles are done and kept. Details in "
+            f"{failures_file}. Fix the cause (or drop the slide) and run again: finished tiles are skipped.\n"
+            + "\n".join(lines)
+            + more
+        )
+        self.failed_tiles = list(failed_tiles)
+
+
+class TileStore:
+    """Read view of a complete tile store: which tiles, made with which parameters, and each tile on demand."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+        self.root = root
+        self.params_hash: str = manifest["params_hash"]
+        self.tiles: dict[str, str] = dict(manifest["tiles"])  # tile_id -> slide
+        self.summary: dict[str, Any] = manifest.get("summary", {})
+
+    def read(
+        self, tile_id: str, *, include_labels: bool = True, feature_names: Iterable[str] | None = None
+    ) -> TileResult:
+        """One tile's result (labels, cells, features); refuses a tile the store does not hold."""
+        if tile_id not in self.tiles:
+            raise KeyError(f"tile {tile_id} is not in the tile store {self.root}")
+        return read_tile_result(
+            self.root,
+            tile_id,
+            slide=self.tiles[tile_id],
+            include_labels=include_labels,
+            feature_names=feature_names,
+        )
+
+    def __repr__(self) -> str:
+        return f"TileStore({str(self.root)!r}, {len(self.tiles)} tiles, params {self.params_hash})"
+
+
+class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
+    """Folder of per-tile HDF5 files (``<path>/<slide>/<tile_id>.h5``) plus its manifest.
+
+    Args:
+        path: the store's folder.
+        metadata: free-form metadata, ignored by Kedro.
+    """
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._path = Path(path)
+        self.metadata = metadata
+        self.lineage: dict[str, str] = {}  # set by ProvenanceHooks just before a save
+
+    def save(self, data: SegmentationPlan) -> None:
+        manifest_path(self._path).unlink(missing_ok=True)  # incomplete until this run has finished
+        self._path.mkdir(parents=True, exist_ok=True)
+        summary = data.run(self._path)
+        failures_file = self._path / FAILURES_NAME
+        write_json_atomic(failures_file, summary.failed_tiles)
+        if summary.failed_tiles:
+            raise TileFailuresError(summary.failed_tiles, failures_file)
+        tiles = dict(
+            sorted(
+                zip(
+                    data.tile_sample["tile_id"].astype(str),
+                    data.tile_sample["slide"].astype(str),
+                    strict=True,
+                )
+            )
+        )
+        write_json_atomic(
+            manifest_path(self._path),
+            {
+                "params_hash": summary.params_hash,
+                "tiles": tiles,
+                "digest": self._digest(summary.params_hash, tiles),
+                "lineage": dict(sorted(self.lineage.items())),
+                "summary": summary.to_dict(),
+                "written_at_unix_s": round(time.time(), 3),
+            },
+        )
+
+    def _digest(self, params_hash: str, tiles: dict[str, str]) -> str:
+        """Fingerprint of the store's content: parameters and every tile file's size and mtime."""
+        stamps = []
+        for tile_id, slide in tiles.items():
+            stat = tile_path(self._path, tile_id, slide).stat()
+            stamps.append([tile_id, stat.st_size, stat.st_mtime_ns])
+        return digest({"params_hash": params_hash, "tiles": stamps}, length=64)
+
+    def verified_manifest(self) -> dict[str, Any]:
+        """The manifest, after checking that every tile it lists is still the file it was.
+
+        Raises:
+            StaleOutputError: no complete run wrote this store, or tiles changed since.
+        """
+        manifest = read_manifest(self._path)
+        if manifest is None or "digest" not in manifest:
+            raise StaleOutputError(
+                f"tile store {self._path} is not complete (no manifest: segmentation has not finished "
+                "here, or was interrupted); run the segmentation pipeline, which resumes"
+            )
+        try:
+            current = self._digest(manifest["params_hash"], manifest["tiles"])
+        except FileNotFoundError as exc:
+            raise StaleOutputError(f"tile store {self._path}: a tile file is gone ({exc.filename})") from None
+        if current != manifest["digest"]:
+            raise StaleOutputError(
+                f"tile store {self._path}: tile files changed since the run that wrote it; run segmentation "
+                "again (changed tiles are checked and recomputed)"
+            )
+        return manifest
+
+    def load(self) -> TileStore:
+        return TileStore(self._path, self.verified_manifest())
+
+    def _exists(self) -> bool:
+        try:
+            self.verified_manifest()
+        except StaleOutputError:
+            return False
+        return True
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+def read_failures(store_path: str | Path) -> list[dict[str, str]]:
+    """The failed tiles of the store's last run (empty when none or never run)."""
+    try:
+        return json.loads((Path(store_path) / FAILURES_NAME).read_text())
+    except (OSError, ValueError):
+        return []

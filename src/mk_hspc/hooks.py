@@ -1,0 +1,173 @@
+"""Project hooks: a run lock on the data folder, and provenance (what each output was built from).
+
+Provenance: every output written through :class:`~mk_hspc.datasets.atomic.AtomicDataset` (and the tile
+store) records in its manifest the digests of the inputs it was built from, and theirs in turn. Before a
+node runs, its inputs must belong together: when one input records that it was built from another input
+(or from a common ancestor) with a different digest than the one present now, the node is refused, naming
+both. That is what stops, e.g., counting an old cells table against a new tile sample after a crash.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from kedro.framework.hooks import hook_impl
+
+from mk_hspc.engine.fingerprint import digest
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".mk_hspc_run.lock"
+HOLDER_NAME = ".mk_hspc_run.holder.json"
+
+
+class StaleInputError(RuntimeError):
+    """A node's inputs were not built from one another's current versions."""
+
+
+def input_record(name: str, dataset: Any, data: Any) -> tuple[str, dict[str, str]] | None:
+    """``(digest, lineage)`` of one node input, or None for inputs without provenance (raw files)."""
+    if name == "parameters" or name.startswith("params:"):
+        return digest(data), {}
+    verified_manifest = getattr(dataset, "verified_manifest", None)
+    if verified_manifest is None:
+        return None
+    manifest = verified_manifest()
+    return str(manifest["digest"])[:16], dict(manifest.get("lineage") or {})
+
+
+def check_inputs_belong_together(
+    node_name: str, records: Mapping[str, tuple[str, dict[str, str]]]
+) -> dict[str, str]:
+    """The lineage of the node's outputs; raises when two inputs disagree about a shared ancestor.
+
+    Args:
+        node_name: for the message.
+        records: ``input name -> (digest, lineage)`` of the inputs that have provenance.
+
+    Raises:
+        StaleInputError: an input was built from another input's (or a shared ancestor's) other version.
+    """
+    lineage: dict[str, str] = {}
+    claimed_by: dict[str, str] = {}
+    for name, (own_digest, ancestors) in sorted(records.items()):
+        for ancestor, ancestor_digest in sorted({**ancestors, name: own_digest}.items()):
+            if ancestor in lineage and lineage[ancestor] != ancestor_digest:
+                other = claimed_by[ancestor]
+                raise StaleInputError(
+                    f"Node {node_name!r}: its inputs do not belong together: {_as_seen(name, ancestor)} "
+                    f"is {ancestor_digest}, but {_as_seen(other, ancestor)} is {lineage[ancestor]}. "
+                    f"One of them is stale (e.g. left by an interrupted run): rerun from {ancestor!r} "
+                    f"(kedro run --from-inputs {ancestor}) or the whole pipeline."
+                )
+            lineage[ancestor] = ancestor_digest
+            claimed_by.setdefault(ancestor, name)
+    return lineage
+
+
+def _as_seen(holder: str, ancestor: str) -> str:
+    return f"{ancestor!r}" if holder == ancestor else f"the {ancestor!r} that {holder!r} was built from"
+
+
+class ProvenanceHooks:
+    """Refuses nodes whose inputs do not belong together, and hands each output its lineage to record."""
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+        self._lineage_by_node: dict[str, dict[str, str]] = {}
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any]) -> None:
+        self._catalog = catalog
+        records = {}
+        for name, data in inputs.items():
+            record = input_record(name, catalog.get(name), data)
+            if record is not None:
+                records[name] = record
+        self._lineage_by_node[node.name] = check_inputs_belong_together(node.name, records)
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        dataset = self._catalog.get(dataset_name) if self._catalog is not None else None
+        if dataset is not None and hasattr(dataset, "lineage"):
+            dataset.lineage = dict(self._lineage_by_node.get(node.name, {}))
+
+
+def run_lock_path(project_path: str | Path) -> Path:
+    return Path(project_path) / "data" / LOCK_NAME
+
+
+class RunLockHooks:
+    """One run at a time per project data folder: a second run refuses at once, naming the holder.
+
+    An OS-level lock (``filelock``) is released by the kernel when its holder dies, so a killed run never
+    leaves the project locked; the holder file only says who holds it.
+    """
+
+    def __init__(self) -> None:
+        self._lock: FileLock | None = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        lock_path = run_lock_path(run_params["project_path"])
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path, timeout=0)
+        holder_path = lock_path.with_name(HOLDER_NAME)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RuntimeError(
+                f"Another mk-hspc run holds the project data folder {lock_path.parent} "
+                f"({_describe_holder(holder_path)}); wait for it to finish or stop it, then run again."
+            ) from None
+        self._lock = lock
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "started_unix_s": round(time.time(), 3),
+            "command": " ".join(sys.argv),
+        }
+        holder_path.write_text(json.dumps(holder))
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._release()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _describe_holder(holder_path: Path) -> str:
+    try:
+        holder = json.loads(holder_path.read_text())
+    except (OSError, ValueError):
+        return "holder unknown"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started_unix_s", 0)))
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')} by {holder.get('user')}, started {started}: "
+        f"{holder.get('command')}"
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,194 @@
+"""The tile store as a catalog dataset: a plan is executed on save, failures isolated, staleness refused."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mk_hspc.datasets.atomic import StaleOutputError
+from mk_hspc.datasets.tile_store import TileFailuresError, TileStoreDataset, read_failures
+from mk_hspc.engine import fingerprint
+from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.engine.tile_work import SegmentationSettings, compute_params_hash, segment_tiles
+from mk_hspc.tile_store import tile_path
+from tests.test_tile_work import (
+    ArraySlide,
+    DarkBlobSegmenter,
+    FakeMorphology,
+    make_blob_slide,
+    make_tile_sample,
+)
+
+QUIET = SegmentationSettings(progress=False, fsync=False)
+
+
+class FlakySlide(ArraySlide):
+    """Fails to read one region (a corrupt subblock), reads the others."""
+
+    def __init__(self, rgb: np.ndarray, bad_x: int) -> None:
+        super().__init__(rgb)
+        self.bad_x = bad_x
+        self.closed = False
+
+    def read_region(self, x: int, y: int, w: int, h: int, scale: float = 1.0) -> np.ndarray:
+        if x == self.bad_x:
+            raise OSError("corrupt subblock at this position")
+        return super().read_region(x, y, w, h, scale)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture()
+def study():
+    rgb, _ = make_blob_slide()
+    sample = make_tile_sample("slide_a", rgb.shape[0], rgb.shape[1], core_px=150, overlap_px=30)
+    return rgb, sample
+
+
+def plan_for(sample, openers) -> SegmentationPlan:
+    return SegmentationPlan(sample, openers, {"mk": DarkBlobSegmenter()}, [FakeMorphology()], QUIET)
+
+
+def test_saving_a_plan_fills_the_store_and_loading_gives_a_lazy_view(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    assert not dataset.exists()
+    dataset.save(plan_for(sample, {"slide_a": lambda: ArraySlide(rgb)}))
+    store = dataset.load()
+    assert sorted(store.tiles) == sorted(sample["tile_id"])
+    first = store.read(sample["tile_id"].iloc[0])
+    assert first.params_hash == store.params_hash and "mk" in first.labels
+    assert dataset.exists()
+
+
+def test_a_failing_tile_is_recorded_and_every_other_tile_is_done(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    bad_x = int(sample["x"].iloc[3])
+    n_bad = int((sample["x"] == bad_x).sum())
+    flaky = FlakySlide(rgb, bad_x)
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    with pytest.raises(TileFailuresError, match=f"{n_bad} tile\\(s\\) failed") as failed:
+        dataset.save(plan_for(sample, {"slide_a": lambda: flaky}))
+    assert flaky.closed  # closed on the failure path too
+    bad_tiles = sorted(sample.loc[sample["x"] == bad_x, "tile_id"])
+    assert [f["tile_id"] for f in failed.value.failed_tiles] == bad_tiles
+    assert [f["tile_id"] for f in read_failures(tmp_path / "store")] == bad_tiles
+    assert "corrupt subblock" in read_failures(tmp_path / "store")[0]["error"]
+    done = sorted(set(sample["tile_id"]) - set(bad_tiles))
+    assert all(tile_path(tmp_path / "store", t, "slide_a").exists() for t in done)
+    assert not dataset.exists()  # incomplete: --only-missing-outputs reruns segmentation
+    with pytest.raises(StaleOutputError, match="not complete"):
+        dataset.load()
+    # Once the region reads again, a rerun does only the failed tiles and completes the store.
+    dataset.save(plan_for(sample, {"slide_a": lambda: ArraySlide(rgb)}))
+    summary = dataset.load().summary
+    assert summary["n_processed"] == len(bad_tiles) and summary["n_skipped"] == len(done)
+    assert read_failures(tmp_path / "store") == []
+
+
+def test_a_slide_that_cannot_be_opened_fails_its_tiles_only(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    other = sample.assign(slide="slide_b", tile_id=sample["tile_id"].str.replace("slide_a", "slide_b"))
+
+    def broken():
+        raise OSError("truncated file")
+
+    import pandas as pd
+
+    both = pd.concat([sample, other], ignore_index=True)
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    with pytest.raises(TileFailuresError, match="truncated file"):
+        dataset.save(plan_for(both, {"slide_a": lambda: ArraySlide(rgb), "slide_b": broken}))
+    assert {f["slide"] for f in read_failures(tmp_path / "store")} == {"slide_b"}
+    assert all(tile_path(tmp_path / "store", t, "slide_a").exists() for t in sample["tile_id"])
+
+
+def test_a_tile_changed_after_the_run_makes_the_store_stale(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    dataset.save(plan_for(sample, {"slide_a": lambda: ArraySlide(rgb)}))
+    tile_path(tmp_path / "store", sample["tile_id"].iloc[0], "slide_a").unlink()
+    assert not dataset.exists()
+    with pytest.raises(StaleOutputError, match="gone"):
+        dataset.load()
+
+
+def test_a_pixel_size_change_recomputes_every_tile(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    slide = ArraySlide(rgb)
+    segment_tiles(sample, {"slide_a": slide}, tmp_path, {"mk": DarkBlobSegmenter()}, settings=QUIET)
+    slide.meta = SimpleNamespace(pixel_size_um=0.25)  # e.g. pixel_size_um_override corrected
+    again = segment_tiles(sample, {"slide_a": slide}, tmp_path, {"mk": DarkBlobSegmenter()}, settings=QUIET)
+    assert again.n_recomputed == again.n_processed == len(sample)
+
+
+def test_numbers_are_normalised_in_the_fingerprint() -> None:
+    as_int = compute_params_hash({"mk": DarkBlobSegmenter(max_brightness=128)}, params={"a": {"b": 250}})
+    as_float = compute_params_hash(
+        {"mk": DarkBlobSegmenter(max_brightness=128.0)}, params={"a": {"b": 250.0}}
+    )
+    assert as_int == as_float
+    assert as_int != compute_params_hash({"mk": DarkBlobSegmenter()}, params={"a": {"b": 251}})
+
+
+class WeightedSegmenter(DarkBlobSegmenter):
+    def __init__(self, weights: str) -> None:
+        super().__init__()
+        self.weights = weights
+
+
+def test_weights_count_by_content_not_by_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MK_HSPC_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    first, moved = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"weights v1")
+    moved.write_bytes(b"weights v1")
+    v1 = compute_params_hash({"mk": WeightedSegmenter(str(first))})
+    assert v1 == compute_params_hash({"mk": WeightedSegmenter(str(moved))})
+    first.write_bytes(b"weights v2 (retrained)")
+    assert compute_params_hash({"mk": WeightedSegmenter(str(first))}) != v1
+
+
+def test_an_empty_weights_file_is_named_before_any_tile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MK_HSPC_DIGEST_CACHE", str(tmp_path / "digests.json"))
+    empty = tmp_path / "cpsam"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.*cpsam.*empty"):
+        compute_params_hash({"hspc": WeightedSegmenter(str(empty))})
+
+
+PLUGIN_SOURCE = """
+from tests.test_tile_work import DarkBlobSegmenter
+
+class EditedSegmenter(DarkBlobSegmenter):
+    THRESHOLD = {threshold}
+"""
+
+
+def test_editing_a_plugin_changes_the_fingerprint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module_file = tmp_path / "lab_plugin_under_test.py"
+    hashes = []
+    for threshold in (1, 2):
+        module_file.write_text(PLUGIN_SOURCE.format(threshold=threshold))
+        sys.modules.pop("lab_plugin_under_test", None)
+        fingerprint._module_sources.cache_clear()
+        fingerprint._package_versions.cache_clear()
+        module = importlib.import_module("lab_plugin_under_test")
+        hashes.append(compute_params_hash({"mk": module.EditedSegmenter()}))
+    assert hashes[0] != hashes[1]
+
+
+def test_the_fingerprint_covers_the_mk_hspc_modules_a_plugin_uses() -> None:
+    from mk_hspc.models.segmenters.classical import ClassicalSegmenter
+
+    described = fingerprint.plugin_fingerprint(ClassicalSegmenter(mode="mk"))
+    assert "mk_hspc.models.stain" in described["code"]
+    assert {"numpy", "scikit-image"} <= set(described["packages"])
