@@ -490,7 +490,7 @@ def test_gpu_environment_parameters_build_the_learned_plugins(tmp_path):
     conf = Path(__file__).resolve().parents[1] / "conf" / "gpu" / "parameters_segmentation.yml"
     segmentation = yaml.safe_load(conf.read_text())["segmentation"]
     stand_in = tmp_path / "weights.bin"
-    stand_in.write_bytes(b"")
+    stand_in.write_bytes(b"stand-in, never read")
 
     def params(entry: dict) -> dict:
         swapped = {

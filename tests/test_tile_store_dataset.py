@@ -192,3 +192,12 @@ def test_the_fingerprint_covers_the_mk_hspc_modules_a_plugin_uses() -> None:
     described = fingerprint.plugin_fingerprint(ClassicalSegmenter(mode="mk"))
     assert "mk_hspc.models.stain" in described["code"]
     assert {"numpy", "scikit-image"} <= set(described["packages"])
+
+
+def test_an_empty_weights_file_is_refused_when_the_plugin_checks_its_path(tmp_path: Path) -> None:
+    from mk_hspc.models.torch_device import require_file
+
+    empty = tmp_path / "resnet50.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ResNet-50 weights.*resnet50\.pth.*empty"):
+        require_file(empty, "ResNet-50 weights")

@@ -35,6 +35,8 @@ import hdf5plugin
 import numpy as np
 import pandas as pd
 
+from mk_hspc.failpoints import failpoint
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
@@ -172,6 +174,7 @@ def write_tile_result(
     tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
         _write_file(tmp, result, label_chunk_px)
+        failpoint("tile:written")
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, final)

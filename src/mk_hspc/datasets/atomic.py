@@ -30,6 +30,8 @@ from typing import Any
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import parse_dataset_definition
 
+from mk_hspc.failpoints import failpoint
+
 MANIFEST_SUFFIX = ".manifest.json"
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
@@ -189,6 +191,7 @@ class AtomicDataset(AbstractDataset[Any, Any]):
         tmp = final.with_name(f".{final.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
         try:
             self._inner(tmp).save(data)
+            failpoint(f"atomic:{final.name}:written")
             fsync_tree(tmp)
             digest = content_digest(tmp)
             # The manifest goes first: a crash before the data rename leaves old data under a new manifest,
@@ -202,6 +205,7 @@ class AtomicDataset(AbstractDataset[Any, Any]):
                     "dataset": self._config["type"],
                 },
             )
+            failpoint(f"atomic:{final.name}:manifest")
             replace_path(tmp, final)
         except BaseException:
             if tmp.is_dir():

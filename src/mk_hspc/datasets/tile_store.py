@@ -20,6 +20,7 @@ from kedro.io import AbstractDataset, DatasetError
 from mk_hspc.datasets.atomic import StaleOutputError, manifest_path, read_manifest, write_json_atomic
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.failpoints import failpoint
 from mk_hspc.tile_store import TileResult, read_tile_result, tile_path
 
 FAILURES_NAME = "failures.json"
@@ -88,6 +89,7 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
         write_json_atomic(failures_file, summary.failed_tiles)
         if summary.failed_tiles:
             raise TileFailuresError(summary.failed_tiles, failures_file)
+        failpoint("tile_store:before_manifest")
         tiles = dict(
             sorted(
                 zip(

@@ -74,4 +74,9 @@ def require_file(path: str | Path, what: str) -> Path:
             f"{what} not found at {str(resolved)!r} (absolute: {str(resolved.resolve())!r}). Weights are "
             "never downloaded: put the file there or point the parameter at a local copy."
         )
+    if resolved.stat().st_size == 0:
+        raise ValueError(
+            f"{what} at {str(resolved)!r} is an empty file (0 bytes; an interrupted copy?); "
+            "copy the real weights there"
+        )
     return resolved
