@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,3 +47,20 @@ def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.Complet
             f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def write_czi(
+    path: Path, value: int, pixel_size_um: float | None, *, size_px: int = 32, compression: str | None = None
+) -> Path:
+    """A 2-tile ``2 * size_px`` x ``size_px`` Bgr24 slide filled with ``value``; ``pixel_size_um=None`` writes
+    no scaling; ``compression`` e.g. ``"zstd1:ExplicitLevel=1"``."""
+    from pylibCZIrw import czi as pyczi
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"compression_options": compression} if compression else {}
+    with pyczi.create_czi(str(path), exist_ok=True, **options) as writer:
+        for x in (0, size_px):
+            writer.write(np.full((size_px, size_px, 3), value, np.uint8), location=(x, 0))
+        scale_m = pixel_size_um * 1e-6 if pixel_size_um else 0.0  # the CZI stores metres per pixel
+        writer.write_metadata(scale_x=scale_m, scale_y=scale_m)
+    return path

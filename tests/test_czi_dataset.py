@@ -10,23 +10,11 @@ import pytest
 import yaml
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError
-from pylibCZIrw import czi as pyczi
 
 from mk_hspc.czi import CziSlide, CziSlideError
 from mk_hspc.czi.discovery import DuplicateSlideNameError, find_slides
 from mk_hspc.datasets.slide_folder import SlideFolderDataset
-from tests.conftest import REPO_ROOT
-
-
-def write_czi(path: Path, value: int, pixel_size_um: float | None) -> Path:
-    """A 2-tile 64 x 32 Bgr24 slide filled with ``value``; ``pixel_size_um=None`` writes no scaling."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with pyczi.create_czi(str(path), exist_ok=True) as writer:
-        for x in (0, 32):
-            writer.write(np.full((32, 32, 3), value, np.uint8), location=(x, 0))
-        scale_m = pixel_size_um * 1e-6 if pixel_size_um else 0.0  # the CZI stores metres per pixel
-        writer.write_metadata(scale_x=scale_m, scale_y=scale_m)
-    return path
+from tests.conftest import REPO_ROOT, write_czi
 
 
 def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from kedro.io import DatasetError
 from matplotlib.figure import Figure
 
 from mk_hspc.czi import CziSlide, CziSlideError
+from mk_hspc.czi.discovery import find_slides
 from mk_hspc.tiling import build_tile_grid, sample_tiles
 from mk_hspc.tissue import TissueMap, build_tissue_maps, tissue_overlay_figure
 
@@ -24,21 +25,47 @@ logger = logging.getLogger(__name__)
 SlideLoaders = Mapping[str, Callable[[], CziSlide]]
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """Files below ``folder``, leaving out hidden ones (``.DS_Store``, ``.gitkeep``, anything in ``.git/``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
 def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]:
-    """Write the demo study into an empty slides folder (the embedded default); never touch real slides."""
+    """Write the demo study into an empty slides folder (the embedded default); never touch a lab's files.
+
+    Slides are found as the catalog finds them (`find_slides`). With none, the folder must hold no other
+    file either (hidden files and the demo writer's own leftovers aside): a folder of files that are not
+    slides (wrong suffix, a half-finished copy) is an error, not a cue to write the demo next to them.
+    """
     slides_path = Path(slides_dir)
-    existing = sorted(slides_path.glob("**/*.czi")) if slides_path.exists() else []
+    existing = find_slides(slides_path)
     if existing:
         return {"generated": False, "reason": f"{len(existing)} slide(s) already in {slides_path}"}
+    from mk_hspc.demo import DemoSpec, demo_files, make_demo_study  # heavy: only when there are no slides
+
+    out_dir = Path(demo["out_dir"])
+    demo_slides_dir = (out_dir / "slides").resolve() == slides_path.resolve()
+    demo_own = {path.resolve() for path in demo_files(out_dir)} if demo_slides_dir else set()
+    others = [path for path in _visible_files(slides_path) if path.resolve() not in demo_own]
+    if others:
+        shown = ", ".join(str(path.relative_to(slides_path)) for path in others[:5])
+        raise FileExistsError(
+            f"The slides folder {slides_path.resolve()} is not empty but has no slides (.czi files, any "
+            f"letter case): {len(others)} other file(s), e.g. {shown}. Put the study's .czi files there, "
+            "or empty the folder to run on the demo study."
+        )
     if not demo["generate_if_empty"]:
         raise FileNotFoundError(
             f"No .czi slides in {slides_path.resolve()}; put the study's slides there "
             "(or set demo.generate_if_empty: true to run on the demo study)"
         )
-    from mk_hspc.demo import DemoSpec, make_demo_study
-
-    out_dir = Path(demo["out_dir"])
-    if (out_dir / "slides").resolve() != slides_path.resolve():
+    if not demo_slides_dir:
         raise ValueError(
             f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})"
         )
