@@ -7,9 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -64,3 +66,9 @@ def write_czi(
         scale_m = pixel_size_um * 1e-6 if pixel_size_um else 0.0  # the CZI stores metres per pixel
         writer.write_metadata(scale_x=scale_m, scale_y=scale_m)
     return path
+
+
+def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
+    """The entry ``name`` of conf/base/catalog.yml, with ``changes`` in place of its ``${globals:...}`` values."""
+    entry = yaml.safe_load((REPO_ROOT / "conf" / "base" / "catalog.yml").read_text())[name]
+    return entry | changes

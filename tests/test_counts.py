@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from mk_hspc.pipelines.segmentation.counts import cell_counts_figure, count_cells
+
+NO_GROUPS = pd.DataFrame({"slide": pd.Series(dtype=str), "group": pd.Series(dtype=str)})
 
 
 @pytest.fixture
@@ -24,14 +24,13 @@ def tile_sample() -> pd.DataFrame:
     )
 
 
-def test_counts_and_densities_per_slide_and_group(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+def test_counts_and_densities_per_slide_and_group(tile_sample: pd.DataFrame) -> None:
     cells = pd.DataFrame(
         {"slide": ["a", "a", "b", "b", "b"], "cell_type": ["mk", "hspc", "hspc", "hspc", "hspc"]}
     )
-    sheet = tmp_path / "sheet.csv"
-    pd.DataFrame({"slide": ["a", "b"], "group": ["F_vehicle", "M_treated"]}).to_csv(sheet, index=False)
+    groups = pd.DataFrame({"slide": ["a", "b"], "group": ["F_vehicle", "M_treated"]})
     meta = {"a": {"pixel_size_um": 0.5}, "b": {"pixel_size_um": 0.5}}
-    counts = count_cells(cells, tile_sample, meta, sheet).set_index(["slide", "cell_type"])
+    counts = count_cells(cells, tile_sample, meta, groups).set_index(["slide", "cell_type"])
     assert counts.loc[("a", "mk"), "n_cells"] == 1
     assert counts.loc[("b", "mk"), "n_cells"] == 0  # absent types are explicit zeros
     assert counts.loc[("a", "hspc"), "sampled_tissue_mm2"] == pytest.approx(0.125)
@@ -40,25 +39,16 @@ def test_counts_and_densities_per_slide_and_group(tile_sample: pd.DataFrame, tmp
     assert len(cell_counts_figure(counts.reset_index()).axes) == 2
 
 
-def test_missing_slide_sheet_means_ungrouped(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+def test_slide_without_a_group_row_is_ungrouped(tile_sample: pd.DataFrame) -> None:
     cells = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"]})
     meta = {"a": {"pixel_size_um": 0.5}, "b": {"pixel_size_um": 0.5}}
-    counts = count_cells(cells, tile_sample, meta, tmp_path / "absent.csv")
+    counts = count_cells(cells, tile_sample, meta, NO_GROUPS)
     assert set(counts["group"]) == {"ungrouped"}
 
 
-def test_slide_without_sampled_tiles_is_reported(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
+def test_slide_without_sampled_tiles_is_reported(tile_sample: pd.DataFrame) -> None:
     cells = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"]})
     meta = {name: {"pixel_size_um": 0.5} for name in ("a", "b", "c")}
-    counts = count_cells(cells, tile_sample, meta, tmp_path / "absent.csv").set_index("slide")
+    counts = count_cells(cells, tile_sample, meta, NO_GROUPS).set_index("slide")
     assert counts.loc["c", "sampled_tissue_mm2"] == 0.0
     assert counts.loc["c", "n_cells"] == 0 and pd.isna(counts.loc["c", "density_per_mm2"])
-
-
-def test_bad_slide_sheet_is_named(tile_sample: pd.DataFrame, tmp_path: Path) -> None:
-    sheet = tmp_path / "sheet.csv"
-    sheet.write_text("name,cohort\na,x\n")
-    with pytest.raises(ValueError, match="sheet.csv"):
-        count_cells(
-            pd.DataFrame({"slide": [], "cell_type": []}), tile_sample, {"a": {"pixel_size_um": 1}}, sheet
-        )

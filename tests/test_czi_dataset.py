@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError
 
 from mk_hspc.czi import CziSlide, CziSlideError
 from mk_hspc.czi.discovery import DuplicateSlideNameError, find_slides
 from mk_hspc.datasets.slide_folder import SlideFolderDataset
-from tests.conftest import REPO_ROOT, write_czi
-
-
-def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
-    """The entry ``name`` of conf/base/catalog.yml, with ``changes`` in place of its ``${globals:...}`` values."""
-    entry = yaml.safe_load((REPO_ROOT / "conf" / "base" / "catalog.yml").read_text())[name]
-    return entry | changes
+from tests.conftest import catalog_entry, write_czi
 
 
 @pytest.fixture

@@ -22,7 +22,13 @@ TINY_DEMO = {
 
 
 def demo_params(raw: Path, **changes: Any) -> dict[str, Any]:
-    return {"generate_if_empty": True, "out_dir": str(raw), "spec": "small", "overrides": TINY_DEMO} | changes
+    return {
+        "generate_if_empty": True,
+        "out_dir": str(raw),
+        "slide_sheet": str(raw / "slide_sheet.csv"),
+        "spec": "small",
+        "overrides": TINY_DEMO,
+    } | changes
 
 
 # ---------------------------------------------------------------------------------------- demo guard
@@ -85,3 +91,12 @@ def test_interrupted_demo_leftovers_do_not_block_the_demo(tmp_path: Path) -> Non
 
     assert prepare_demo_slides(demo_params(raw), str(raw / "slides"))["generated"] is True
     assert sorted(p.name for p in (raw / "slides").iterdir()) == ["demo_01.czi"]
+
+
+def test_demo_sheet_must_be_the_sheet_the_catalog_reads(tmp_path: Path) -> None:
+    raw = tmp_path / "01_raw"
+    with pytest.raises(ValueError, match=r"elsewhere\.csv"):
+        prepare_demo_slides(
+            demo_params(raw, slide_sheet=str(tmp_path / "elsewhere.csv")), str(raw / "slides")
+        )
+    assert not (raw / "slides").exists()

@@ -1,6 +1,7 @@
-"""Ingestion nodes: slides -> metadata, tissue maps, tile grid, pooled tile sample, overlays.
+"""Ingestion nodes: slides -> metadata, slide groups, tissue maps, tile grid, pooled tile sample, overlays.
 
-Thin wrappers: the logic lives in ``mk_hspc.czi``, ``mk_hspc.tissue`` and ``mk_hspc.tiling``.
+Thin wrappers: the logic lives in ``mk_hspc.czi``, ``mk_hspc.slide_sheet``, ``mk_hspc.tissue`` and
+``mk_hspc.tiling``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 
 from mk_hspc.czi import CziSlide, CziSlideError
 from mk_hspc.czi.discovery import find_slides
+from mk_hspc.slide_sheet import validate_slide_sheet
 from mk_hspc.tiling import build_tile_grid, sample_tiles
 from mk_hspc.tissue import TissueMap, build_tissue_maps, tissue_overlay_figure
 
@@ -69,6 +71,11 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
         raise ValueError(
             f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})"
         )
+    if Path(demo["slide_sheet"]).resolve() != (out_dir / "slide_sheet.csv").resolve():
+        raise ValueError(
+            f"The demo writes its slide sheet to {out_dir / 'slide_sheet.csv'} but the catalog reads "
+            f"{demo['slide_sheet']} (globals: slide_sheet); point them at the same file to run the demo"
+        )
     spec = getattr(DemoSpec, demo.get("spec", "default"))()
     spec = dataclasses.replace(spec, **(demo.get("overrides") or {}))
     logger.info("No slides in %s: writing the demo study (%d slides)", slides_path, spec.n_slides)
@@ -118,6 +125,20 @@ def read_slide_metadata(
     for slide in slides.values():
         slide.close()
     return meta
+
+
+def make_slide_groups(
+    slide_sheet: pd.DataFrame | None,
+    slide_meta: dict[str, dict[str, Any]],
+    slide_sheet_strict: bool,
+    sheet_path: str,
+) -> pd.DataFrame:
+    """One group per slide of the study from the lab's sheet (see `validate_slide_sheet`).
+
+    ``sheet_path`` is where the catalog's ``slide_sheet`` reads from (globals ``slide_sheet``), passed only
+    to name the file in messages.
+    """
+    return validate_slide_sheet(slide_sheet, slide_meta, sheet_path=sheet_path, strict=slide_sheet_strict)
 
 
 def make_tissue_maps(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -12,32 +11,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-UNGROUPED = "ungrouped"
-
-
-def read_slide_sheet(path: Path) -> pd.DataFrame:
-    """The lab's slide -> group table; slides missing from it (or no sheet at all) are 'ungrouped'."""
-    if not path.is_file():
-        return pd.DataFrame({"slide": pd.Series(dtype=str), "group": pd.Series(dtype=str)})
-    sheet = pd.read_csv(path, dtype=str)
-    missing = {"slide", "group"} - set(sheet.columns)
-    if missing:
-        raise ValueError(
-            f"Slide sheet {path} lacks column(s) {sorted(missing)}; it needs 'slide' and 'group'"
-        )
-    return sheet
+from mk_hspc.slide_sheet import UNGROUPED  # noqa: E402
 
 
 def count_cells(
     cells: pd.DataFrame,
     tile_sample: pd.DataFrame,
     slide_meta: dict[str, dict[str, Any]],
-    slide_sheet: Path,
+    slide_groups: pd.DataFrame,
 ) -> pd.DataFrame:
     """One row per slide and cell type: count, sampled tissue area (mm²) and density (cells / mm²).
 
     Every slide of ``slide_meta`` gets rows, also one that no sampled tile fell on (area 0, density NaN), so a
-    missing slide is visible in the report rather than silently absent.
+    missing slide is visible in the report rather than silently absent. ``slide_groups`` is the validated
+    slide sheet (`mk_hspc.slide_sheet.validate_slide_sheet`: one row per slide, columns slide, group).
     """
     px_um = {name: float(meta["pixel_size_um"]) for name, meta in slide_meta.items()}
     tiles = tile_sample.assign(
@@ -54,8 +41,7 @@ def count_cells(
     table["density_per_mm2"] = table["n_cells"] / table["sampled_tissue_mm2"].where(
         table["sampled_tissue_mm2"] > 0
     )
-    sheet = read_slide_sheet(slide_sheet)
-    table = table.merge(sheet[["slide", "group"]], on="slide", how="left")
+    table = table.merge(slide_groups[["slide", "group"]], on="slide", how="left")
     table["group"] = table["group"].fillna(UNGROUPED)
     return table[["slide", "group", "cell_type", "n_cells", "sampled_tissue_mm2", "density_per_mm2"]]
 

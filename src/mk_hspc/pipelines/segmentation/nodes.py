@@ -86,8 +86,8 @@ def summarise_cell_counts(
     cells: pd.DataFrame,
     tile_sample: pd.DataFrame,
     slide_meta: dict[str, dict[str, Any]],
-    ingestion: dict[str, Any],
+    slide_groups: pd.DataFrame,
 ) -> tuple[pd.DataFrame, Figure]:
     """Cells per slide and group, with densities per mm² of sampled tissue, and their plot."""
-    counts = count_cells(cells, tile_sample, slide_meta, Path(ingestion["slide_sheet"]))
+    counts = count_cells(cells, tile_sample, slide_meta, slide_groups)
     return counts, cell_counts_figure(counts)

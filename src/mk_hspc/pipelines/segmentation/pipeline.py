@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.summarise_cell_counts,
-                ["cells", "tile_sample", "slide_meta", "params:ingestion"],
+                ["cells", "tile_sample", "slide_meta", "slide_groups"],
                 ["cell_counts", "cell_counts_plot"],
                 name="summarise_cell_counts",
             ),
