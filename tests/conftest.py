@@ -69,6 +69,12 @@ def write_czi(
 
 
 def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
-    """The entry ``name`` of conf/base/catalog.yml, with ``changes`` in place of its ``${globals:...}`` values."""
-    entry = yaml.safe_load((REPO_ROOT / "conf" / "base" / "catalog.yml").read_text())[name]
+    """The entry ``name`` of conf/base/catalog.yml, its ``${globals:key}`` values taken from conf/base/globals.yml,
+    then ``changes`` applied."""
+    base = REPO_ROOT / "conf" / "base"
+    globals_ = yaml.safe_load((base / "globals.yml").read_text())
+    entry = yaml.safe_load((base / "catalog.yml").read_text())[name]
+    for key, value in entry.items():
+        if isinstance(value, str) and value.startswith("${globals:"):
+            entry[key] = globals_[value.removeprefix("${globals:").removesuffix("}")]
     return entry | changes

@@ -7,7 +7,7 @@ opens (and validates) its slide when called and returns a `CziSlide` handle, nev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
     Args:
         path: The slides folder (libCZI reads local files only).
         pixel_size_um: µm per pixel used only for files without scaling metadata (see `open_slide`).
+        pixel_size_um_by_slide: ``{slide name: µm per pixel}`` that replaces those slides' own values
+            (to correct a wrong calibration); naming a slide that is not in the folder is an error.
         load_args: Further `open_slide` keywords (``channel``, ``downsample``, ``strip_mib``,
             ``cache_mib``, ``thread_mode``).
         metadata: Free-form metadata, ignored by Kedro.
@@ -41,18 +43,33 @@ class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
         self,
         path: str,
         pixel_size_um: float | None = None,
+        pixel_size_um_by_slide: Mapping[str, float] | None = None,
         load_args: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self._path = Path(path)
         self._pixel_size_um = pixel_size_um
+        self._pixel_size_um_by_slide = dict(pixel_size_um_by_slide or {})
         self._load_args = dict(load_args or {})
         self.metadata = metadata
 
     def load(self) -> SlideLoaders:
+        slides = find_slides(self._path)
+        unknown = sorted(set(self._pixel_size_um_by_slide) - set(slides))
+        if unknown:
+            raise DatasetError(
+                f"pixel_size_um_by_slide names slide(s) {unknown} that are not in {self._path} "
+                f"(slides: {sorted(slides)}); a slide is named by its file stem"
+            )
         return {
-            name: partial(open_slide, str(path), self._pixel_size_um, **self._load_args)
-            for name, path in find_slides(self._path).items()
+            name: partial(
+                open_slide,
+                str(path),
+                self._pixel_size_um,
+                replace_pixel_size_um=self._pixel_size_um_by_slide.get(name),
+                **self._load_args,
+            )
+            for name, path in slides.items()
         }
 
     def save(self, data: None) -> None:
@@ -62,4 +79,9 @@ class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
         return bool(find_slides(self._path))
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path), "pixel_size_um": self._pixel_size_um, "load_args": self._load_args}
+        return {
+            "path": str(self._path),
+            "pixel_size_um": self._pixel_size_um,
+            "pixel_size_um_by_slide": self._pixel_size_um_by_slide,
+            "load_args": self._load_args,
+        }

@@ -16,7 +16,7 @@ import pandas as pd
 from kedro.io import DatasetError
 from matplotlib.figure import Figure
 
-from mk_hspc.czi import CziSlide, CziSlideError
+from mk_hspc.czi import CziSlide, CziSlideError, check_plausible_pixel_size
 from mk_hspc.czi.discovery import find_slides
 from mk_hspc.slide_sheet import validate_slide_sheet
 from mk_hspc.tiling import build_tile_grid, sample_tiles
@@ -94,16 +94,35 @@ def _open_slide(name: str, load: Callable[[], CziSlide]) -> CziSlide:
         raise CziSlideError(name, str(exc)) from exc
 
 
+def _open_checked(
+    name: str, load: Callable[[], CziSlide], plausible_pixel_size_um: tuple[float, float] | None
+) -> CziSlide:
+    slide = _open_slide(name, load)
+    if plausible_pixel_size_um is not None:
+        try:
+            check_plausible_pixel_size(slide.meta, plausible_pixel_size_um)
+        except BaseException:
+            slide.close()
+            raise
+    return slide
+
+
 def open_good_slides(
-    raw_slides: SlideLoaders, skip_bad_slides: bool, only: set[str] | None = None
+    raw_slides: SlideLoaders,
+    skip_bad_slides: bool,
+    only: set[str] | None = None,
+    plausible_pixel_size_um: tuple[float, float] | None = None,
 ) -> dict[str, CziSlide]:
-    """Open each slide lazily; a bad file stops the run (named) unless ``skip_bad_slides``."""
+    """Open each slide lazily; a bad file stops the run (named) unless ``skip_bad_slides``.
+
+    With ``plausible_pixel_size_um``, a slide whose pixel size lies outside it is a bad slide too.
+    """
     slides: dict[str, CziSlide] = {}
     for name in sorted(raw_slides):
         if only is not None and name not in only:
             continue
         try:
-            slides[name] = _open_slide(name, raw_slides[name])
+            slides[name] = _open_checked(name, raw_slides[name], plausible_pixel_size_um)
         except CziSlideError as exc:
             if not skip_bad_slides:
                 raise
@@ -118,7 +137,11 @@ def read_slide_metadata(
     del demo_manifest  # only orders this node after the demo writer
     if not raw_slides:
         raise FileNotFoundError(f"No .czi slides found in {Path(ingestion['slides_dir']).resolve()}")
-    slides = open_good_slides(raw_slides, ingestion["skip_bad_slides"])
+    slides = open_good_slides(
+        raw_slides,
+        ingestion["skip_bad_slides"],
+        plausible_pixel_size_um=tuple(ingestion["plausible_pixel_size_um"]),
+    )
     if not slides:
         raise CziSlideError(ingestion["slides_dir"], "no readable slide in the folder (all were skipped)")
     meta = {name: slide.meta.to_dict() for name, slide in slides.items()}
