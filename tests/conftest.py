@@ -78,3 +78,16 @@ def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
         if isinstance(value, str) and value.startswith("${globals:"):
             entry[key] = globals_[value.removeprefix("${globals:").removesuffix("}")]
     return entry | changes
+
+
+def corrupt_first_subblock(path: Path) -> Path:
+    """Wipe the start of the first subblock's (compressed) pixel data in place: the file still opens, but
+    reading that subblock fails in the decoder."""
+    from mk_hspc.czi.container import read_container, subblock_data_range
+
+    container = read_container(path)
+    payload, _ = subblock_data_range(container, container.subblocks[0])
+    data = bytearray(path.read_bytes())
+    data[payload : payload + 16] = bytes(16)  # the Zstd frame header
+    path.write_bytes(bytes(data))
+    return path

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mk_hspc.czi import CziSlideError
+from mk_hspc.datasets.slide_folder import SlideFolderDataset
 from mk_hspc.demo import DemoSpec
-from mk_hspc.pipelines.ingestion.nodes import prepare_demo_slides
-from tests.conftest import write_czi
+from mk_hspc.pipelines.ingestion.nodes import (
+    make_tile_index,
+    make_tissue_maps,
+    prepare_demo_slides,
+    read_slide_metadata,
+)
+from tests.conftest import corrupt_first_subblock, write_czi
 
 TINY_DEMO = {
     "n_slides": 1,
@@ -100,3 +108,53 @@ def test_demo_sheet_must_be_the_sheet_the_catalog_reads(tmp_path: Path) -> None:
             demo_params(raw, slide_sheet=str(tmp_path / "elsewhere.csv")), str(raw / "slides")
         )
     assert not (raw / "slides").exists()
+
+
+# ---------------------------------------------------------------------------------------- bad slides
+def ingestion_params(slides_dir: Path, **changes: Any) -> dict[str, Any]:
+    return {
+        "slides_dir": str(slides_dir),
+        "skip_bad_slides": False,
+        "plausible_pixel_size_um": [0.05, 6.0],
+        "tissue": {"map_um_per_px": 4.0, "fill_holes_max_um2": 1000.0, "min_object_um2": 100.0},
+        "tiles": {"tile_px": 128, "overlap_px": 0, "min_tissue_fraction": 0.15},
+    } | changes
+
+
+@pytest.fixture
+def zstd_study(tmp_path: Path) -> Path:
+    """Three compressed slides; lab02's first subblock is corrupt (it opens, but cannot be read)."""
+    folder = tmp_path / "slides"
+    for name, value in (("lab01", 150), ("lab02", 160), ("lab03", 170)):
+        write_czi(folder / f"{name}.czi", value, 0.5, size_px=256, compression="zstd1:ExplicitLevel=1")
+    corrupt_first_subblock(folder / "lab02.czi")
+    return folder
+
+
+def test_slide_failing_while_read_is_skipped_by_the_tissue_stage(
+    zstd_study: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    loaders = SlideFolderDataset(path=str(zstd_study)).load()
+    params = ingestion_params(zstd_study, skip_bad_slides=True)
+    meta = read_slide_metadata(loaders, {}, params)
+    assert sorted(meta) == ["lab01", "lab02", "lab03"]  # the corrupt subblock is only found by reading
+
+    with caplog.at_level(logging.WARNING):
+        maps, calibration = make_tissue_maps(loaders, meta, params)
+
+    assert sorted(maps) == ["lab01", "lab03"]
+    assert calibration["n_slides"] == 2 and isinstance(calibration["threshold_od"], float)
+    assert list(calibration["skipped_slides"]) == ["lab02"]
+    assert "lab02.czi" in calibration["skipped_slides"]["lab02"]
+    assert "Skipping slide lab02" in caplog.text
+    tiles = make_tile_index(meta, {name: (lambda m=m: m) for name, m in maps.items()}, params)
+    assert set(tiles["slide"]) == {"lab01", "lab03"}
+
+
+def test_slide_failing_while_read_stops_the_run_naming_it_by_default(zstd_study: Path) -> None:
+    loaders = SlideFolderDataset(path=str(zstd_study)).load()
+    params = ingestion_params(zstd_study)
+    meta = read_slide_metadata(loaders, {}, params)
+    with pytest.raises(CziSlideError) as caught:
+        make_tissue_maps(loaders, meta, params)
+    assert caught.value.path == str(zstd_study / "lab02.czi")

@@ -167,9 +167,15 @@ def make_slide_groups(
 def make_tissue_maps(
     raw_slides: SlideLoaders, slide_meta: dict[str, dict[str, Any]], ingestion: dict[str, Any]
 ) -> tuple[dict[str, TissueMap], dict[str, Any]]:
-    """Low-resolution tissue maps of all slides with one threshold calibrated on all of them together."""
+    """Low-resolution tissue maps of all slides with one threshold calibrated on all of them together.
+
+    A slide that fails while being read stops the run, named, unless ``skip_bad_slides``: then it gets no
+    map (and so no tiles) and the calibration's ``skipped_slides`` says why.
+    """
     slides = open_good_slides(raw_slides, skip_bad_slides=False, only=set(slide_meta))
-    maps, calibration = build_tissue_maps(slides, **ingestion["tissue"])
+    maps, calibration = build_tissue_maps(
+        slides, skip_unreadable=ingestion["skip_bad_slides"], **ingestion["tissue"]
+    )
     for slide in slides.values():
         slide.close()
     return maps, calibration
@@ -180,9 +186,10 @@ def make_tile_index(
     tissue_maps: Mapping[str, Callable[[], TissueMap]],
     ingestion: dict[str, Any],
 ) -> pd.DataFrame:
-    """The tile grid of every slide with each tile's tissue fraction."""
-    loaded = {name: tissue_maps[name]() for name in sorted(slide_meta)}
-    return build_tile_grid(slide_meta, loaded, **ingestion["tiles"])
+    """The tile grid of every slide that has a tissue map, with each tile's tissue fraction."""
+    names = sorted(set(slide_meta) & set(tissue_maps))
+    loaded = {name: tissue_maps[name]() for name in names}
+    return build_tile_grid({name: slide_meta[name] for name in names}, loaded, **ingestion["tiles"])
 
 
 def make_tile_sample(tile_index: pd.DataFrame, ingestion: dict[str, Any]) -> pd.DataFrame:
