@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mk_hspc.czi import CziSlideError
+from mk_hspc.czi import CziSlide, CziSlideError
 from mk_hspc.datasets.slide_folder import SlideFolderDataset
 from mk_hspc.demo import DemoSpec
 from mk_hspc.pipelines.ingestion.nodes import (
@@ -158,3 +159,49 @@ def test_slide_failing_while_read_stops_the_run_naming_it_by_default(zstd_study:
     with pytest.raises(CziSlideError) as caught:
         make_tissue_maps(loaders, meta, params)
     assert caught.value.path == str(zstd_study / "lab02.czi")
+
+
+# ---------------------------------------------------------------------------------------- closing slides
+def recording(loaders: dict[str, Callable[[], CziSlide]]) -> tuple[dict[str, Callable[[], CziSlide]], list]:
+    """The same loaders, remembering every slide they open."""
+    opened: list[CziSlide] = []
+
+    def wrap(load: Callable[[], CziSlide]) -> Callable[[], CziSlide]:
+        def open_and_record() -> CziSlide:
+            slide = load()
+            opened.append(slide)
+            return slide
+
+        return open_and_record
+
+    return {name: wrap(load) for name, load in loaders.items()}, opened
+
+
+def assert_all_closed(slides: list[CziSlide]) -> None:
+    assert slides
+    for slide in slides:
+        with pytest.raises(CziSlideError, match="closed"):
+            slide.read_region(0, 0, 8, 8)
+
+
+def test_slides_opened_before_a_bad_one_are_closed(zstd_study: Path) -> None:
+    (zstd_study / "lab02b.czi").write_text("not a CZI")
+    loaders, opened = recording(SlideFolderDataset(path=str(zstd_study)).load())
+    with pytest.raises(CziSlideError, match="lab02b"):
+        read_slide_metadata(loaders, {}, ingestion_params(zstd_study))
+    assert len(opened) == 2  # lab01 and lab02 opened before lab02b failed
+    assert_all_closed(opened)
+
+
+def test_slides_are_closed_when_the_tissue_stage_fails_and_when_it_succeeds(zstd_study: Path) -> None:
+    loaders, opened = recording(SlideFolderDataset(path=str(zstd_study)).load())
+    meta = read_slide_metadata(loaders, {}, ingestion_params(zstd_study))
+    assert_all_closed(opened)
+    opened.clear()
+    with pytest.raises(CziSlideError, match="lab02"):
+        make_tissue_maps(loaders, meta, ingestion_params(zstd_study))
+    assert len(opened) == 3
+    assert_all_closed(opened)
+    opened.clear()
+    make_tissue_maps(loaders, meta, ingestion_params(zstd_study, skip_bad_slides=True))
+    assert_all_closed(opened)

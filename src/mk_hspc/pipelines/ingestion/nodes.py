@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kedro.io import DatasetError
 from matplotlib.figure import Figure
 
 from mk_hspc.czi import CziSlide, CziSlideError, check_plausible_pixel_size
@@ -83,28 +83,55 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
     return {"generated": True, "out_dir": str(out_dir), "n_slides": len(study.slide_paths)}
 
 
-def _open_slide(name: str, load: Callable[[], CziSlide]) -> CziSlide:
-    """Call a partition loader, surfacing the reader's own error (Kedro wraps it in a DatasetError)."""
-    try:
-        return load()
-    except DatasetError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, CziSlideError):
-            raise cause from None
-        raise CziSlideError(name, str(exc)) from exc
-
-
 def _open_checked(
-    name: str, load: Callable[[], CziSlide], plausible_pixel_size_um: tuple[float, float] | None
+    load: Callable[[], CziSlide], plausible_pixel_size_um: tuple[float, float] | None
 ) -> CziSlide:
-    slide = _open_slide(name, load)
+    slide = load()
     if plausible_pixel_size_um is not None:
-        try:
+        with ExitStack() as stack:
+            stack.enter_context(slide)  # closed if the check fails
             check_plausible_pixel_size(slide.meta, plausible_pixel_size_um)
-        except BaseException:
-            slide.close()
-            raise
+            stack.pop_all()
     return slide
+
+
+def _open_into(
+    stack: ExitStack,
+    raw_slides: SlideLoaders,
+    skip_bad_slides: bool,
+    only: set[str] | None,
+    plausible_pixel_size_um: tuple[float, float] | None,
+) -> dict[str, CziSlide]:
+    slides: dict[str, CziSlide] = {}
+    for name in sorted(raw_slides):
+        if only is not None and name not in only:
+            continue
+        try:
+            slide = _open_checked(raw_slides[name], plausible_pixel_size_um)
+        except CziSlideError as exc:
+            if not skip_bad_slides:
+                raise
+            logger.warning("Skipping bad slide %s: %s", name, exc)
+            continue
+        slides[name] = stack.enter_context(slide)
+    return slides
+
+
+@contextmanager
+def open_slides(
+    raw_slides: SlideLoaders,
+    skip_bad_slides: bool,
+    only: set[str] | None = None,
+    plausible_pixel_size_um: tuple[float, float] | None = None,
+) -> Iterator[dict[str, CziSlide]]:
+    """Open each slide lazily for a ``with`` block that closes every one of them however it ends.
+
+    A bad file (`CziSlideError` at open) stops the run, named, unless ``skip_bad_slides``: then it is
+    skipped with a warning. With ``plausible_pixel_size_um``, a slide whose pixel size lies outside it is a
+    bad slide too (`check_plausible_pixel_size`).
+    """
+    with ExitStack() as stack:
+        yield _open_into(stack, raw_slides, skip_bad_slides, only, plausible_pixel_size_um)
 
 
 def open_good_slides(
@@ -113,20 +140,10 @@ def open_good_slides(
     only: set[str] | None = None,
     plausible_pixel_size_um: tuple[float, float] | None = None,
 ) -> dict[str, CziSlide]:
-    """Open each slide lazily; a bad file stops the run (named) unless ``skip_bad_slides``.
-
-    With ``plausible_pixel_size_um``, a slide whose pixel size lies outside it is a bad slide too.
-    """
-    slides: dict[str, CziSlide] = {}
-    for name in sorted(raw_slides):
-        if only is not None and name not in only:
-            continue
-        try:
-            slides[name] = _open_checked(name, raw_slides[name], plausible_pixel_size_um)
-        except CziSlideError as exc:
-            if not skip_bad_slides:
-                raise
-            logger.warning("Skipping bad slide %s: %s", name, exc)
+    """`open_slides` for a caller that closes the slides itself; if opening fails, none is left open."""
+    with ExitStack() as stack:
+        slides = _open_into(stack, raw_slides, skip_bad_slides, only, plausible_pixel_size_um)
+        stack.pop_all()
     return slides
 
 
@@ -137,17 +154,11 @@ def read_slide_metadata(
     del demo_manifest  # only orders this node after the demo writer
     if not raw_slides:
         raise FileNotFoundError(f"No .czi slides found in {Path(ingestion['slides_dir']).resolve()}")
-    slides = open_good_slides(
-        raw_slides,
-        ingestion["skip_bad_slides"],
-        plausible_pixel_size_um=tuple(ingestion["plausible_pixel_size_um"]),
-    )
-    if not slides:
-        raise CziSlideError(ingestion["slides_dir"], "no readable slide in the folder (all were skipped)")
-    meta = {name: slide.meta.to_dict() for name, slide in slides.items()}
-    for slide in slides.values():
-        slide.close()
-    return meta
+    plausible = tuple(ingestion["plausible_pixel_size_um"])
+    with open_slides(raw_slides, ingestion["skip_bad_slides"], plausible_pixel_size_um=plausible) as slides:
+        if not slides:
+            raise CziSlideError(ingestion["slides_dir"], "no readable slide in the folder (all were skipped)")
+        return {name: slide.meta.to_dict() for name, slide in slides.items()}
 
 
 def make_slide_groups(
@@ -172,13 +183,8 @@ def make_tissue_maps(
     A slide that fails while being read stops the run, named, unless ``skip_bad_slides``: then it gets no
     map (and so no tiles) and the calibration's ``skipped_slides`` says why.
     """
-    slides = open_good_slides(raw_slides, skip_bad_slides=False, only=set(slide_meta))
-    maps, calibration = build_tissue_maps(
-        slides, skip_unreadable=ingestion["skip_bad_slides"], **ingestion["tissue"]
-    )
-    for slide in slides.values():
-        slide.close()
-    return maps, calibration
+    with open_slides(raw_slides, skip_bad_slides=False, only=set(slide_meta)) as slides:
+        return build_tissue_maps(slides, skip_unreadable=ingestion["skip_bad_slides"], **ingestion["tissue"])
 
 
 def make_tile_index(
