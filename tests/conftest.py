@@ -7,8 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -46,3 +49,45 @@ def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.Complet
             f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def write_czi(
+    path: Path, value: int, pixel_size_um: float | None, *, size_px: int = 32, compression: str | None = None
+) -> Path:
+    """A 2-tile ``2 * size_px`` x ``size_px`` Bgr24 slide filled with ``value``; ``pixel_size_um=None`` writes
+    no scaling; ``compression`` e.g. ``"zstd1:ExplicitLevel=1"``."""
+    from pylibCZIrw import czi as pyczi
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"compression_options": compression} if compression else {}
+    with pyczi.create_czi(str(path), exist_ok=True, **options) as writer:
+        for x in (0, size_px):
+            writer.write(np.full((size_px, size_px, 3), value, np.uint8), location=(x, 0))
+        scale_m = pixel_size_um * 1e-6 if pixel_size_um else 0.0  # the CZI stores metres per pixel
+        writer.write_metadata(scale_x=scale_m, scale_y=scale_m)
+    return path
+
+
+def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
+    """The entry ``name`` of conf/base/catalog.yml, its ``${globals:key}`` values taken from conf/base/globals.yml,
+    then ``changes`` applied."""
+    base = REPO_ROOT / "conf" / "base"
+    globals_ = yaml.safe_load((base / "globals.yml").read_text())
+    entry = yaml.safe_load((base / "catalog.yml").read_text())[name]
+    for key, value in entry.items():
+        if isinstance(value, str) and value.startswith("${globals:"):
+            entry[key] = globals_[value.removeprefix("${globals:").removesuffix("}")]
+    return entry | changes
+
+
+def corrupt_first_subblock(path: Path) -> Path:
+    """Wipe the start of the first subblock's (compressed) pixel data in place: the file still opens, but
+    reading that subblock fails in the decoder."""
+    from mk_hspc.czi.container import read_container, subblock_data_range
+
+    container = read_container(path)
+    payload, _ = subblock_data_range(container, container.subblocks[0])
+    data = bytearray(path.read_bytes())
+    data[payload : payload + 16] = bytes(16)  # the Zstd frame header
+    path.write_bytes(bytes(data))
+    return path

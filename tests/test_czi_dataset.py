@@ -1,4 +1,4 @@
-"""Tests of the Kedro `CziSlideDataset`, alone and inside a PartitionedDataset as the catalog uses it."""
+"""Tests of slide discovery and the Kedro `SlideFolderDataset`, alone and as conf/base/catalog.yml declares it."""
 
 from __future__ import annotations
 
@@ -8,82 +8,80 @@ import numpy as np
 import pytest
 from kedro.io import DataCatalog
 from kedro.io.core import DatasetError
-from pylibCZIrw import czi as pyczi
 
 from mk_hspc.czi import CziSlide, CziSlideError
-from mk_hspc.datasets.czi_slides import CziSlideDataset
-
-
-def write_czi(path: Path, value: int, pixel_size_um: float | None) -> Path:
-    """A 2-tile 64 x 32 Bgr24 slide filled with ``value``; ``pixel_size_um=None`` writes no scaling."""
-    with pyczi.create_czi(str(path), exist_ok=True) as writer:
-        for x in (0, 32):
-            writer.write(np.full((32, 32, 3), value, np.uint8), location=(x, 0))
-        scale_m = pixel_size_um * 1e-6 if pixel_size_um else 0.0  # the CZI stores metres per pixel
-        writer.write_metadata(scale_x=scale_m, scale_y=scale_m)
-    return path
+from mk_hspc.czi.discovery import DuplicateSlideNameError, find_slides
+from mk_hspc.datasets.slide_folder import SlideFolderDataset
+from tests.conftest import catalog_entry, write_czi
 
 
 @pytest.fixture
 def slide_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "slides"
-    folder.mkdir()
     write_czi(folder / "mouse_a.czi", 40, pixel_size_um=0.1725)
     write_czi(folder / "mouse_b.czi", 200, pixel_size_um=None)
     (folder / "slide_sheet.csv").write_text("slide,group\nmouse_a,ctrl\n")  # not a slide: ignored
     return folder
 
 
-def test_load_returns_a_lazy_slide_and_save_is_refused(slide_folder: Path) -> None:
-    dataset = CziSlideDataset(filepath=str(slide_folder / "mouse_a.czi"))
-    assert dataset.exists()
-    slide = dataset.load()
-    assert isinstance(slide, CziSlide)
-    assert slide.meta.name == "mouse_a" and slide.meta.pixel_size_um == pytest.approx(0.1725)
-    assert np.all(slide.read_region(0, 0, 64, 32) == 40)
+def test_catalog_finds_czi_in_any_letter_case_and_sub_folder_named_by_stem(slide_folder: Path) -> None:
+    write_czi(slide_folder / "LAB01.CZI", 90, pixel_size_um=0.25)
+    write_czi(slide_folder / "batch 2" / "deeper" / "lab02.Czi", 120, pixel_size_um=0.25)
+    (slide_folder / "notes.txt").write_text("not a slide")
+    (slide_folder / "half_written.czi.part").write_bytes(b"\0" * 64)
+
+    catalog = DataCatalog.from_config(
+        {"raw_slides": catalog_entry("raw_slides", path=str(slide_folder), pixel_size_um=0.5)}
+    )
+    loaders = catalog.load("raw_slides")
+
+    assert list(loaders) == ["LAB01", "lab02", "mouse_a", "mouse_b"]
+    for name, load in loaders.items():
+        with load() as slide:
+            assert slide.meta.name == name  # the key later stages join on is the slide's own name
+    with loaders["lab02"]() as slide:
+        assert np.all(slide.read_region(0, 0, 64, 32) == 120)
+
+
+def test_equal_stems_are_an_error_naming_both_files(tmp_path: Path) -> None:
+    write_czi(tmp_path / "site_a" / "mouse_1.czi", 10, 0.2)
+    write_czi(tmp_path / "site_b" / "MOUSE_1.CZI", 20, 0.2)
+    with pytest.raises(DuplicateSlideNameError) as caught:
+        find_slides(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / "site_a" / "mouse_1.czi") in message
+    assert str(tmp_path / "site_b" / "MOUSE_1.CZI") in message
+
+    with pytest.raises(DatasetError, match="MOUSE_1.CZI"):  # and the catalog surfaces it unchanged
+        SlideFolderDataset(path=str(tmp_path)).load()
+
+
+def test_load_lists_slides_without_opening_them(slide_folder: Path) -> None:
+    (slide_folder / "not_a_slide.czi").write_text("a spreadsheet, renamed")
+    dataset = SlideFolderDataset(path=str(slide_folder))
+    loaders = dataset.load()  # the bad file does not fail the listing...
+    assert sorted(loaders) == ["mouse_a", "mouse_b", "not_a_slide"]
+    with pytest.raises(CziSlideError, match="not_a_slide.czi"):  # ...only opening it, with its name
+        loaders["not_a_slide"]()
+    slide = loaders["mouse_a"]()
+    assert isinstance(slide, CziSlide) and slide.meta.pixel_size_um == pytest.approx(0.1725)
     slide.close()
-    with pytest.raises(DatasetError, match="read-only"):
-        dataset.save(slide)
-    assert "mouse_a.czi" in str(dataset)
-
-
-def test_missing_file_does_not_exist_and_fails_with_named_error(tmp_path: Path) -> None:
-    dataset = CziSlideDataset(filepath=str(tmp_path / "absent.czi"))
-    assert not dataset.exists()
-    with pytest.raises(DatasetError) as caught:  # Kedro wraps the loader's error, keeping it as the cause
-        dataset.load()
-    assert isinstance(caught.value.__cause__, CziSlideError)
-    assert "absent.czi" in str(caught.value) and "does not exist" in str(caught.value)
 
 
 def test_pixel_size_and_load_args_reach_open_slide(slide_folder: Path) -> None:
-    dataset = CziSlideDataset(
-        filepath=str(slide_folder / "mouse_b.czi"), pixel_size_um=0.2, load_args={"thread_mode": "lock"}
-    )
-    with dataset.load() as slide:
-        assert slide.meta.pixel_size_um == 0.2 and slide.meta.pixel_size_source == "override"
+    dataset = SlideFolderDataset(path=str(slide_folder), pixel_size_um=0.2, load_args={"thread_mode": "lock"})
+    loaders = dataset.load()
+    with loaders["mouse_b"]() as slide:
+        assert slide.meta.pixel_size_um == 0.2
+    with loaders["mouse_a"]() as slide:  # a calibrated file keeps its own value
+        assert slide.meta.pixel_size_um == pytest.approx(0.1725)
     assert dataset._describe()["load_args"] == {"thread_mode": "lock"}
 
 
-def test_partitioned_dataset_gives_one_lazy_loader_per_czi(slide_folder: Path) -> None:
-    """The catalog entry of conf/base/catalog.yml (`raw_slides`), pointed at a temp folder."""
-    catalog = DataCatalog.from_config(
-        {
-            "raw_slides": {
-                "type": "partitions.PartitionedDataset",
-                "path": str(slide_folder),
-                "filename_suffix": ".czi",
-                "dataset": {"type": "mk_hspc.datasets.czi_slides.CziSlideDataset", "pixel_size_um": 0.5},
-            }
-        }
-    )
-    loaders = catalog.load("raw_slides")
-    assert sorted(loaders) == ["mouse_a", "mouse_b"]
-    slides = {name: load() for name, load in loaders.items()}
-    assert slides["mouse_a"].meta.pixel_size_source == "metadata"  # calibrated file keeps its own value
-    assert (
-        slides["mouse_b"].meta.pixel_size_um == 0.5 and slides["mouse_b"].meta.pixel_size_source == "override"
-    )
-    assert np.all(slides["mouse_b"].read_region(0, 0, 64, 32, scale=0.5) == 200)
-    for slide in slides.values():
-        slide.close()
+def test_save_is_refused_and_a_missing_folder_holds_no_slides(tmp_path: Path) -> None:
+    dataset = SlideFolderDataset(path=str(tmp_path / "absent"))
+    assert not dataset.exists()
+    assert dataset.load() == {}
+    with pytest.raises(DatasetError, match="read-only"):
+        dataset.save({})
+    assert "absent" in str(dataset)

@@ -109,7 +109,7 @@ def test_missing_scaling_raises_unless_overridden() -> None:
     assert "newCZI_compressed.czi" in str(caught.value) and "pixel_size_um" in str(caught.value)
     with open_slide(path, pixel_size_um=0.1725) as slide:
         assert slide.meta.pixel_size_um == 0.1725
-        assert slide.meta.pixel_size_source == "override"
+        assert slide.meta.pixel_size_source == "override: missing metadata"
         assert slide.meta.compression == "Zstd0"
         assert slide.read_region(0, 0, 512, 512).shape == (512, 512, 3)
 
@@ -421,7 +421,7 @@ def test_pickled_slide_reopens_by_path_and_reads_the_same(tmp_path: Path) -> Non
     with open_slide(path, pixel_size_um=0.5, downsample="nearest") as slide:
         clone = pickle.loads(pickle.dumps(slide))
         assert isinstance(clone, CziSlide) and clone is not slide
-        assert clone.meta == slide.meta and clone.meta.pixel_size_source == "override"
+        assert clone.meta == slide.meta and clone.meta.pixel_size_source == "override: missing metadata"
         assert np.array_equal(
             clone.read_region(-32, 10, 64, 64, 0.5), slide.read_region(-32, 10, 64, 64, 0.5)
         )

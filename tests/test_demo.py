@@ -232,6 +232,26 @@ def test_rerun_with_same_spec_is_skipped_and_a_new_spec_rewrites(tmp_path: Path)
     assert changed.generated
 
 
+def test_a_labs_ground_truth_is_never_overwritten(tmp_path: Path) -> None:
+    truth = tmp_path / "ground_truth" / "cells.parquet"
+    truth.parent.mkdir(parents=True)
+    truth.write_bytes(b"the lab's own annotations")
+    with pytest.raises(FileExistsError, match=r"ground_truth/cells\.parquet"):
+        make_demo_study(tmp_path, _tiny(), progress=False, n_workers=1)
+    assert truth.read_bytes() == b"the lab's own annotations"
+    assert not list(tmp_path.rglob("*.czi")) and not (tmp_path / "demo_manifest.json").exists()
+
+
+def test_a_demo_file_changed_since_it_was_written_is_no_longer_the_writers(tmp_path: Path) -> None:
+    spec = _tiny(n_slides=2)
+    study = make_demo_study(tmp_path, spec, progress=False, n_workers=1)
+    study.slide_sheet_path.write_text("slide,group\nLAB01,control\n")  # a lab made the sheet its own
+    with pytest.raises(FileExistsError, match=r"slide_sheet\.csv"):
+        make_demo_study(tmp_path, dataclasses.replace(spec, n_slides=1), progress=False, n_workers=1)
+    assert study.slide_sheet_path.read_text() == "slide,group\nLAB01,control\n"
+    assert all(path.is_file() for path in study.slide_paths.values())  # nothing deleted either
+
+
 def test_same_seed_gives_identical_study_whatever_the_worker_count(tmp_path: Path) -> None:
     spec = _tiny(n_slides=2)
     one = make_demo_study(tmp_path / "a", spec, progress=False, n_workers=1)

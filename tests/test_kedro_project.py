@@ -51,6 +51,11 @@ def test_default_run_produces_every_output(demo_run: Path) -> None:
     data = demo_run / "data"
     slide_meta = json.loads((data / "02_intermediate" / "slide_meta.json").read_text())
     assert len(slide_meta) == 4
+    assert {meta["pixel_size_source"] for meta in slide_meta.values()} == {"metadata"}
+    groups = pd.read_parquet(data / "02_intermediate" / "slide_groups.parquet")
+    assert groups["slide"].tolist() == sorted(slide_meta) and groups["group"].nunique() == 4
+    calibration = json.loads((data / "02_intermediate" / "tissue_calibration.json").read_text())
+    assert calibration["n_slides"] == 4 and calibration["skipped_slides"] == {}
     tile_index = pd.read_parquet(data / "02_intermediate" / "tile_index.parquet")
     sample = pd.read_parquet(data / "02_intermediate" / "tile_sample.parquet")
     assert set(sample["tile_id"]) <= set(tile_index.loc[tile_index["is_tissue"], "tile_id"])
@@ -79,7 +84,7 @@ def test_rerun_skips_finished_tiles(demo_run: Path) -> None:
 
 def test_bad_slide_is_named_or_skipped(demo_run: Path) -> None:
     bad = demo_run / "data" / "01_raw" / "slides" / "not_a_slide.czi"
-    bad.write_text("this is a spreadsheet, not a CZI file\n")
+    bad.write_text("[/bold] this is a spreadsheet, not a CZI file\n")  # brackets: logged verbatim, not markup
     try:
         with pytest.raises(AssertionError, match=r"not_a_slide\.czi"):
             kedro(demo_run, "run", "--pipeline", "ingestion", "--params", TINY_RUN)
@@ -92,6 +97,7 @@ def test_bad_slide_is_named_or_skipped(demo_run: Path) -> None:
             TINY_RUN + ",ingestion.skip_bad_slides=true",
         )
         assert "Skipping bad slide not_a_slide" in result.stdout + result.stderr
+        assert "starts with b'[/bold] th'" in result.stdout + result.stderr
         assert "not_a_slide" not in json.loads(
             (demo_run / "data" / "02_intermediate" / "slide_meta.json").read_text()
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mk_hspc.czi import Box
+from mk_hspc.czi import Box, CziSlideError
 from mk_hspc.tiling import build_tile_grid
 from mk_hspc.tissue import (
     TissueMap,
@@ -145,6 +146,30 @@ def test_pooled_threshold_works_where_per_slide_otsu_fails():
     assert (scores["empty"] > own["empty"]).mean() > 0.1
     # the pooled threshold equals the one from summed histograms, independent of slide order
     assert calibrate_tissue_threshold(reversed(list(scores.values()))) == pytest.approx(pooled)
+
+
+@dataclass
+class UnreadableSlide(FakeSlide):
+    """A slide whose metadata opens but whose pixels fail to decode (a corrupt subblock)."""
+
+    def read_region(self, x: int, y: int, w: int, h: int, scale: float = 1.0) -> np.ndarray:
+        raise CziSlideError(f"/slides/{self.name}.czi", f"reading region {(x, y, w, h)} failed (corrupt)")
+
+
+def test_unreadable_slide_is_dropped_when_skipping_and_the_rest_share_one_threshold(caplog):
+    good = [_marrow_slide("a", 1)[0], _marrow_slide("b", 2)[0]]
+    bad = UnreadableSlide("c", np.zeros((400, 400, 3), np.uint8))
+    with pytest.raises(CziSlideError, match=r"/slides/c\.czi"):
+        build_tissue_maps([*good, bad])
+    with caplog.at_level(logging.WARNING, logger="mk_hspc.tissue"):
+        maps, calibration = build_tissue_maps([*good, bad], skip_unreadable=True)
+    alone, alone_calibration = build_tissue_maps(good)
+    assert sorted(maps) == ["a", "b"] and calibration["n_slides"] == 2
+    assert calibration["threshold_od"] == alone_calibration["threshold_od"]  # pooled over the readable slides
+    assert all(np.array_equal(maps[name].mask, alone[name].mask) for name in alone)
+    assert list(calibration["skipped_slides"]) == ["c"] and "corrupt" in calibration["skipped_slides"]["c"]
+    assert "Skipping slide c" in caplog.text and "/slides/c.czi" in caplog.text
+    assert alone_calibration["skipped_slides"] == {}
 
 
 def test_mask_fills_enclosed_fat_keeps_large_lake_and_removes_specks():

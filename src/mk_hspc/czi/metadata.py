@@ -16,6 +16,10 @@ from mk_hspc.czi.container import CziContainer, SubblockEntry
 from mk_hspc.czi.errors import CziSlideError
 
 METRES_TO_UM = 1e6
+# Where a slide's pixel size came from (SlideMeta.pixel_size_source).
+SOURCE_METADATA = "metadata"
+SOURCE_OVERRIDE_MISSING = "override: missing metadata"  # globals: pixel_size_um_override
+SOURCE_OVERRIDE_PER_SLIDE = "override: per-slide"  # globals: pixel_size_um_by_slide
 SUPPORTED_PIXEL_TYPES = ("Bgr24", "Bgr48", "Gray8", "Gray16")
 # Bits per sample of each pixel type, used when the XML does not state ComponentBitCount.
 CONTAINER_BITS = {"Gray8": 8, "Bgr24": 8, "Gray16": 16, "Bgr48": 16}
@@ -141,31 +145,96 @@ def channel_pixel_types(container: CziContainer) -> dict[int, str]:
 
 
 def resolve_pixel_size(
-    path: str, root: ElementTree.Element | None, override_um: float | None
+    path: str,
+    root: ElementTree.Element | None,
+    override_um: float | None,
+    replace_um: float | None = None,
 ) -> tuple[float, str]:
-    """The metadata pixel size; the override only fills in where the file has none.
+    """The slide's pixel size in µm and where it came from (one of the ``SOURCE_*`` strings).
 
-    The override is one value for a whole study (``globals: pixel_size_um_override``), so a calibrated
-    file keeps its own calibration even when the override is set.
+    ``replace_um`` (a per-slide override, ``globals: pixel_size_um_by_slide``) wins over everything: it is
+    how a file with a wrong calibration is corrected. Otherwise the metadata value is used, and
+    ``override_um`` (one value for a whole study, ``globals: pixel_size_um_override``) only fills in where
+    the file has none, so a calibrated file keeps its own calibration even when it is set.
     """
+    if replace_um is not None:
+        return _positive(path, replace_um, "pixel_size_um_by_slide"), SOURCE_OVERRIDE_PER_SLIDE
     from_xml = pixel_size_from_xml(root)
     if from_xml is not None:
-        return from_xml, "metadata"
+        return from_xml, SOURCE_METADATA
     if override_um is None:
         raise CziSlideError(
             path,
             "no pixel size in the CZI scaling metadata (Scaling/Items/Distance[@Id='X'] missing or 0); "
-            "set `pixel_size_um` in parameters (globals: pixel_size_um_override) to the slide's µm per pixel",
+            "set `pixel_size_um_override` (all such files) or `pixel_size_um_by_slide` (this slide) in "
+            "conf/local/globals.yml to the slide's µm per pixel",
         )
-    if not (math.isfinite(override_um) and override_um > 0):
-        raise CziSlideError(path, f"pixel_size_um override must be a positive number, got {override_um!r}")
-    return float(override_um), "override"
+    return _positive(path, override_um, "pixel_size_um_override"), SOURCE_OVERRIDE_MISSING
+
+
+def _positive(path: str, value: float, key: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise CziSlideError(path, f"{key} must be a positive number of µm per pixel, got {value!r}")
+    return float(value)
+
+
+def check_plausible_pixel_size(meta: SlideMeta, plausible_um: tuple[float, float]) -> None:
+    """Raise `CziSlideError` when ``meta.pixel_size_um`` lies outside ``plausible_um`` (inclusive).
+
+    A malformed range is a configuration error (`ValueError`), not a bad slide.
+
+    A brightfield scan of a slide has a pixel size of a few hundredths to a few µm; a value outside the
+    range is a wrong calibration (a unit slip, a preview image) and every µm-based result from it would be
+    silently wrong. The message says where the value came from and how to correct it.
+    """
+    if not (
+        len(plausible_um) == 2
+        and all(math.isfinite(v) and v > 0 for v in plausible_um)
+        and plausible_um[0] < plausible_um[1]
+    ):
+        raise ValueError(
+            f"ingestion.plausible_pixel_size_um must be [low, high] with 0 < low < high, got {plausible_um!r}"
+        )
+    low, high = plausible_um
+    value = meta.pixel_size_um
+    if low <= value <= high:
+        return
+    where = f"plausible range {low:g}-{high:g} µm/px for brightfield (ingestion.plausible_pixel_size_um)"
+    if meta.pixel_size_source == SOURCE_METADATA:
+        raise CziSlideError(
+            meta.path,
+            f"the CZI metadata says {value:.6g} µm per pixel, outside the {where}. If the file's calibration "
+            f"is wrong, set the true value for this slide in conf/local/globals.yml: "
+            f"pixel_size_um_by_slide: {{{meta.name}: <µm per pixel>}}",
+        )
+    key = (
+        "pixel_size_um_by_slide"
+        if meta.pixel_size_source == SOURCE_OVERRIDE_PER_SLIDE
+        else "pixel_size_um_override"
+    )
+    raise CziSlideError(
+        meta.path,
+        f"the pixel size {value:.6g} µm per pixel set by {key} ({meta.pixel_size_source}) is outside the "
+        f"{where}; correct {key} in globals.yml",
+    )
 
 
 def build_meta(
-    container: CziContainer, xml_root: ElementTree.Element | None, channel: int, pixel_size_um: float | None
+    container: CziContainer,
+    xml_root: ElementTree.Element | None,
+    channel: int,
+    pixel_size_um: float | None,
+    replace_pixel_size_um: float | None = None,
 ) -> SlideMeta:
-    """Assemble `SlideMeta` for ``channel``; raises `CziSlideError` for unusable files."""
+    """Assemble `SlideMeta` for ``channel``; raises `CziSlideError` for unusable files.
+
+    ``pixel_size_um`` and ``replace_pixel_size_um`` are `resolve_pixel_size`'s ``override_um`` and
+    ``replace_um``.
+    """
     path = container.path
     layer0 = [entry for entry in container.subblocks if entry.is_layer0]
     if not layer0:
@@ -178,7 +247,7 @@ def build_meta(
         raise CziSlideError(
             path, f"pixel type {pixel_type} is not supported (supported: {', '.join(SUPPORTED_PIXEL_TYPES)})"
         )
-    size_um, source = resolve_pixel_size(path, xml_root, pixel_size_um)
+    size_um, source = resolve_pixel_size(path, xml_root, pixel_size_um, replace_pixel_size_um)
     compressions = sorted({entry.compression for entry in layer0})
     return SlideMeta(
         name=Path(path).stem,

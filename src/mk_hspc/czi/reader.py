@@ -64,6 +64,7 @@ class CziSlide:
         path: str | Path,
         pixel_size_um: float | None = None,
         *,
+        replace_pixel_size_um: float | None = None,
         channel: int = 0,
         downsample: str = "area",
         area_supersample: int = 8,
@@ -79,6 +80,7 @@ class CziSlide:
             raise ValueError("strip_mib must be > 0, cache_mib >= 0 and area_supersample >= 1")
         self._options = {
             "pixel_size_um": pixel_size_um,
+            "replace_pixel_size_um": replace_pixel_size_um,
             "channel": channel,
             "downsample": downsample,
             "area_supersample": area_supersample,
@@ -96,7 +98,7 @@ class CziSlide:
 
         container = read_container(path)
         xml_root = parse_xml(self.path, read_metadata_xml(container))
-        self.meta: SlideMeta = build_meta(container, xml_root, channel, pixel_size_um)
+        self.meta: SlideMeta = build_meta(container, xml_root, channel, pixel_size_um, replace_pixel_size_um)
         self._pixel_types = channel_pixel_types(container)
         self._bit_depths = {c: bit_depth_from_xml(xml_root, c, t) for c, t in self._pixel_types.items()}
         self._layers = {c: pyramid_layers(container, c) for c in self._pixel_types}
@@ -279,7 +281,9 @@ def open_slide(path: str | Path, pixel_size_um: float | None = None, **options: 
         path: The ``.czi`` file.
         pixel_size_um: µm per pixel to use ONLY when the file has no scaling metadata; a calibrated file
             keeps its own value (``meta.pixel_size_source`` says which was used).
-        **options: `CziSlide` keywords, all with measured defaults (bench/czi_reader_choice.py):
+        **options: ``replace_pixel_size_um`` (µm per pixel that replaces the file's own value, to correct
+            a wrong calibration; source ``"override: per-slide"``) and
+            `CziSlide` keywords, all with measured defaults (bench/czi_reader_choice.py):
             ``channel`` (0); ``downsample`` (``"area"``: average, ``"nearest"``: libCZI's nearest
             neighbour); ``area_supersample`` (8: samples per output pixel and axis that "area" averages);
             ``strip_mib`` (64: bitmap budget per strip of a large read); ``cache_mib`` (256: libCZI cache
@@ -288,7 +292,8 @@ def open_slide(path: str | Path, pixel_size_um: float | None = None, **options: 
 
     Raises:
         CziSlideError: the file is missing, not a CZI, truncated, corrupt, has no usable pixel size or an
-            unsupported pixel type; the message names the file and the reason.
+            unsupported pixel type; the message names the file and the reason. (Whether a pixel size is
+            plausible is `check_plausible_pixel_size`'s call, not the reader's.)
 
     Example:
         >>> with open_slide("slide.czi") as slide:  # doctest: +SKIP

@@ -7,6 +7,7 @@ classical segmenter is tuned and tested.
 from mk_hspc.demo.spec import DemoSpec, GroupSpec
 from mk_hspc.demo.writer import (
     DemoStudy,
+    demo_files,
     load_tissue_truth,
     make_demo_study,
     slide_sheet,
@@ -17,6 +18,7 @@ __all__ = [
     "DemoSpec",
     "DemoStudy",
     "GroupSpec",
+    "demo_files",
     "load_tissue_truth",
     "make_demo_study",
     "slide_sheet",

@@ -6,9 +6,14 @@ Layout of ``out_dir``::
     ground_truth/cells.parquet         one row per MK / HSPC with its true outline
     ground_truth/tissue/<slide>.npz    boolean tissue mask at a stated downsample and origin
     slide_sheet.csv                    slide, group, sex, treatment
-    demo_manifest.json                 the spec; a rerun with the same spec does nothing
+    demo_manifest.json                 the spec and the files written; a rerun with the same spec does nothing
 
 Slides are generated tile by tile (memory stays bounded) and in parallel processes, one per slide.
+
+The writer only ever replaces or deletes its own files: those its manifest lists, unchanged since (same size
+and modification time). The manifest is written before generation starts (listing the files about to be
+written) and again at the end with their stamps, so an interrupted run can be resumed. Any other file in
+the way (a lab's ``slide_sheet.csv`` or ``ground_truth/``) stops the writer with an error naming it.
 """
 
 from __future__ import annotations
@@ -249,22 +254,64 @@ def _study(out_dir: Path, spec: DemoSpec, generated: bool) -> DemoStudy:
     )
 
 
-def _is_complete(study: DemoStudy) -> bool:
-    paths = [study.cells_path, study.slide_sheet_path, *study.slide_paths.values()]
-    paths += [study.tissue_path(name) for name in study.slide_paths]
-    return all(p.exists() for p in paths)
+def _study_files(study: DemoStudy) -> list[Path]:
+    """Every file writing ``study`` creates or replaces (the slides' temporary ``.czi.part`` names too)."""
+    paths = [study.cells_path, study.slide_sheet_path]
+    for name, path in study.slide_paths.items():
+        paths += [path, path.with_suffix(".czi.part"), study.tissue_path(name)]
+    return paths
 
 
-def _remove_previous(out_dir: Path, manifest_path: Path) -> None:
-    """Delete the files of an older demo study (only the ones its manifest names)."""
+def _stamp(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_manifest(manifest_path: Path) -> dict[str, Any] | None:
+    """The manifest as written by this module, None when there is none; an alien file is an error."""
+    if not manifest_path.exists():
+        return None
     try:
-        old = json.loads(manifest_path.read_text())
-        old_spec = DemoSpec.from_dict(old["spec"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    for path in _study(out_dir, old_spec, False).slide_paths.values():
-        path.unlink(missing_ok=True)
-        (out_dir / "ground_truth" / "tissue" / f"{path.stem}.npz").unlink(missing_ok=True)
+        manifest = json.loads(manifest_path.read_text())
+        DemoSpec.from_dict(manifest["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FileExistsError(
+            f"{manifest_path} is not a demo manifest this writer can read ({error}); the demo writer does "
+            "not overwrite files it cannot prove it wrote. Move it away (and anything else of the old study) "
+            "or choose another demo.out_dir."
+        ) from None
+    return manifest
+
+
+def _owned_files(out_dir: Path, manifest: dict[str, Any] | None) -> set[Path]:
+    """Files of ``out_dir`` the writer wrote, by its manifest: listed and unchanged since.
+
+    A file listed without a stamp was about to be written by a run that did not finish. A manifest from
+    before files were listed names its spec, which gives the files.
+    """
+    if manifest is None:
+        return set()
+    listed = manifest.get("files")
+    if listed is None:
+        return set(_study_files(_study(out_dir, DemoSpec.from_dict(manifest["spec"]), False)))
+    owned = set()
+    for relative, stamp in listed.items():
+        path = out_dir / relative
+        if stamp is None or (path.is_file() and _stamp(path) == stamp):
+            owned.add(path)
+    return owned
+
+
+def demo_files(out_dir: Path | str) -> set[Path]:
+    """Files in ``out_dir`` that the demo writer wrote (finished or not) and nobody changed since."""
+    out_dir = Path(out_dir)
+    return _owned_files(out_dir, _read_manifest(out_dir / MANIFEST_NAME))
+
+
+def _write_manifest(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    tmp = manifest_path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
 
 
 def slide_sheet(spec: DemoSpec) -> pd.DataFrame:
@@ -287,25 +334,42 @@ def make_demo_study(
     version), nothing is rewritten. ``n_workers`` slides are generated at once in separate
     processes; the output does not depend on it.
 
+    Raises:
+        FileExistsError: a file the study would write is already there and the writer did not write it
+            (see the module docstring); the message names it. Nothing is written or deleted then.
+
     Example:
         >>> study = make_demo_study("data/01_raw", DemoSpec.small())  # doctest: +SKIP
         >>> sorted(study.slide_paths)[:1]  # doctest: +SKIP
         ['demo_01']
     """
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
-    wanted = _manifest(spec)
-    if manifest_path.exists():
-        try:
-            same = json.loads(manifest_path.read_text()) == json.loads(json.dumps(wanted))
-        except ValueError:
-            same = False
-        study = _study(out_dir, spec, generated=False)
-        if same and _is_complete(study):
-            logger.info("Demo study in %s is up to date; not regenerating", out_dir)
-            return study
-        _remove_previous(out_dir, manifest_path)
-        manifest_path.unlink()
+    study = _study(out_dir, spec, generated=False)
+    manifest_path = study.manifest_path
+    wanted = json.loads(json.dumps(_manifest(spec)))
+    old = _read_manifest(manifest_path)
+    owned = _owned_files(out_dir, old)
+    planned = _study_files(study)
+    if (
+        old is not None
+        and {key: old.get(key) for key in wanted} == wanted
+        and old.get("complete", True)  # manifests without the flag were written last, so complete
+        and all(path in owned and path.is_file() for path in planned if not path.name.endswith(".part"))
+    ):
+        logger.info("Demo study in %s is up to date; not regenerating", out_dir)
+        return study
+    foreign = [path for path in planned if path.exists() and path not in owned]
+    if foreign:
+        raise FileExistsError(
+            f"The demo writer will not overwrite {foreign[0]}: it did not write it (its manifest "
+            f"{manifest_path} does not list it, or the file changed since). Move it away or choose another "
+            "demo.out_dir" + (f" ({len(foreign) - 1} more file(s) in the way)" if len(foreign) > 1 else "")
+        )
+    for path in owned - set(planned):  # the files of an older demo study
+        path.unlink(missing_ok=True)
+    relative = [path.relative_to(out_dir).as_posix() for path in planned]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_manifest(manifest_path, wanted | {"complete": False, "files": dict.fromkeys(relative)})
     for sub in ("slides", "ground_truth/tissue"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
 
@@ -321,7 +385,8 @@ def make_demo_study(
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     cells.to_parquet(out_dir / "ground_truth" / "cells.parquet", index=False)
     slide_sheet(spec).to_csv(out_dir / "slide_sheet.csv", index=False)
-    manifest_path.write_text(json.dumps(wanted, indent=2))
+    written = {name: _stamp(path) for name, path in zip(relative, planned, strict=True) if path.exists()}
+    _write_manifest(manifest_path, wanted | {"complete": True, "files": written})
     return _study(out_dir, spec, generated=True)
 
 
@@ -371,6 +436,7 @@ def tile_tissue_fraction_truth(npz_path: Path | str, x: int, y: int, w: int, h: 
 
 __all__ = [
     "DemoStudy",
+    "demo_files",
     "load_tissue_truth",
     "make_demo_study",
     "slide_sheet",

@@ -16,6 +16,7 @@ from mk_hspc.tissue.thumbnail import (
     SlideThumbnail,
     read_slide_thumbnail,
     read_slide_thumbnails,
+    read_slide_thumbnails_or_errors,
     thumbnail_downsample,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "calibrate_tissue_threshold",
     "read_slide_thumbnail",
     "read_slide_thumbnails",
+    "read_slide_thumbnails_or_errors",
     "score_histogram",
     "slide_tissue_score",
     "threshold_from_histogram",

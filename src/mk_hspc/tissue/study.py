@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from mk_hspc.czi.errors import CziSlideError
 from mk_hspc.tissue.detect import (
     MAX_OD,
     score_histogram,
@@ -16,7 +18,9 @@ from mk_hspc.tissue.detect import (
 )
 from mk_hspc.tissue.maps import TissueMap
 from mk_hspc.tissue.protocols import SlideLike
-from mk_hspc.tissue.thumbnail import SlideThumbnail, read_slide_thumbnails
+from mk_hspc.tissue.thumbnail import SlideThumbnail, read_slide_thumbnails_or_errors
+
+logger = logging.getLogger(__name__)
 
 
 def slide_tissue_score(
@@ -73,6 +77,7 @@ def build_tissue_maps(
     max_threshold_od: float = MAX_OD,
     threads: int = 2,
     block_px: int = 8192,
+    skip_unreadable: bool = False,
 ) -> tuple[dict[str, TissueMap], dict[str, Any]]:
     """Tissue maps of every slide, all cut at one threshold calibrated on all slides together.
 
@@ -80,17 +85,36 @@ def build_tissue_maps(
     its score histogram to the pooled one; pass 2 recomputes each score map from the kept thumbnail
     (milliseconds) and cuts it. Memory is the thumbnails, which the maps keep anyway for the QC figure.
 
+    A slide that cannot be read (`CziSlideError`, e.g. a corrupt subblock) stops the study with that error,
+    which names the file; with ``skip_unreadable`` it is dropped with a warning instead, recorded in the
+    calibration's ``skipped_slides``, and the threshold is calibrated on the remaining slides.
+
     Returns:
         ``(maps by slide name, calibration)``; the calibration is JSON-ready: method, threshold, pooled
-        histogram size, and per slide the tissue share and the threshold a per-slide calibration would give.
+        histogram size, per slide the tissue share and the threshold a per-slide calibration would give,
+        and ``skipped_slides`` (``{slide: error}``).
     """
     named = dict(slides) if isinstance(slides, Mapping) else {slide.meta.name: slide for slide in slides}
     score_args = {"smooth_sigma_um": smooth_sigma_um, "unscanned_rgb_max": unscanned_rgb_max}
     names = sorted(named)
-    read = read_slide_thumbnails(
+    read = read_slide_thumbnails_or_errors(
         [named[name] for name in names], map_um_per_px, threads=threads, block_px=block_px
     )
-    thumbnails: dict[str, SlideThumbnail] = dict(zip(names, read, strict=True))
+    thumbnails: dict[str, SlideThumbnail] = {}
+    skipped: dict[str, str] = {}
+    for name, result in zip(names, read, strict=True):
+        if isinstance(result, SlideThumbnail):
+            thumbnails[name] = result
+        elif not skip_unreadable:
+            raise result
+        else:
+            logger.warning("Skipping slide %s in the tissue stage, it cannot be read: %s", name, result)
+            skipped[name] = str(result)
+    if names and not thumbnails:
+        raise CziSlideError(
+            ", ".join(names),
+            "no slide could be read for the tissue maps (all were skipped, see the warnings)",
+        )
     histograms = {
         name: score_histogram(slide_tissue_score(thumbnail, **score_args), bins=histogram_bins)
         for name, thumbnail in thumbnails.items()
@@ -123,5 +147,6 @@ def build_tissue_maps(
         "histogram_bins": histogram_bins,
         "map_um_per_px": map_um_per_px,
         "per_slide": per_slide,
+        "skipped_slides": skipped,
     }
     return maps, calibration

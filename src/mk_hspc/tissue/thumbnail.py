@@ -5,6 +5,9 @@ it must decode every subblock once. Either way each scene is cut into large bloc
 the thumbnail's scale (the CZI reader releases the GIL while it decodes), and the blocks of ALL slides go
 through one pool, so the threads stay busy across slide boundaries and the thumbnails cost about one pass of
 decoding.
+
+A slide that cannot be read (``read_region`` raises `CziSlideError`, e.g. a corrupt subblock) is reported
+as such, by slide, so a caller can drop it and keep the others.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mk_hspc.czi.errors import CziSlideError
 from mk_hspc.tissue.protocols import BoxLike, SlideLike
 
 
@@ -100,6 +104,27 @@ def read_slide_thumbnails(
         threads: reader threads.
         block_px: block side in full-resolution pixels. Large blocks waste little: a block edge that cuts a
             subblock makes the reader decode that subblock for both blocks (unless its cache still holds it).
+
+    Raises:
+        CziSlideError: a slide could not be read (the first such slide in order; the message names its file).
+    """
+    results = read_slide_thumbnails_or_errors(slides, map_um_per_px, threads=threads, block_px=block_px)
+    for result in results:
+        if isinstance(result, CziSlideError):
+            raise result
+    return results  # type: ignore[return-value]  # no errors left
+
+
+def read_slide_thumbnails_or_errors(
+    slides: Sequence[SlideLike],
+    map_um_per_px: float = 8.0,
+    *,
+    threads: int = 2,
+    block_px: int = 8192,
+) -> list[SlideThumbnail | CziSlideError]:
+    """:func:`read_slide_thumbnails`, but a slide whose read fails gives its `CziSlideError` in its place.
+
+    The other slides are read in full; the failed slide's remaining blocks are not read.
     """
     canvases = []
     blocks: list[_Block] = []
@@ -111,19 +136,30 @@ def read_slide_thumbnails(
         for box in meta.scenes:
             blocks.extend(_scene_blocks(index, box, meta.bbox, downsample, block_px))
 
-    def read(block: _Block) -> np.ndarray:
+    errors: list[CziSlideError | None] = [None] * len(slides)
+
+    def read(block: _Block) -> np.ndarray | None:
+        if errors[block.slide_index] is not None:
+            return None
         scale = 1.0 / canvases[block.slide_index][2]
-        return slides[block.slide_index].read_region(block.x, block.y, block.w, block.h, scale=scale)
+        try:
+            return slides[block.slide_index].read_region(block.x, block.y, block.w, block.h, scale=scale)
+        except CziSlideError as error:
+            errors[block.slide_index] = errors[block.slide_index] or error
+            return None
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for block, pixels in zip(blocks, pool.map(read, blocks), strict=True):
+            if pixels is None:
+                continue
             rgb, valid, _ = canvases[block.slide_index]
             rows = max(0, min(pixels.shape[0], rgb.shape[0] - block.row))
             cols = max(0, min(pixels.shape[1], rgb.shape[1] - block.col))
             rgb[block.row : block.row + rows, block.col : block.col + cols] = pixels[:rows, :cols]
             valid[block.row : block.row + rows, block.col : block.col + cols] = True
     return [
-        SlideThumbnail(
+        error
+        or SlideThumbnail(
             slide=slide.meta.name,
             rgb=rgb,
             valid=valid,
@@ -132,7 +168,7 @@ def read_slide_thumbnails(
             downsample=downsample,
             pixel_size_um=slide.meta.pixel_size_um,
         )
-        for slide, (rgb, valid, downsample) in zip(slides, canvases, strict=True)
+        for slide, (rgb, valid, downsample), error in zip(slides, canvases, errors, strict=True)
     ]
 
 

@@ -1,4 +1,4 @@
-"""Ingestion: slides -> metadata, tissue maps, tile grid, pooled sample, overlays."""
+"""Ingestion: slides -> metadata, slide groups, tissue maps, tile grid, pooled sample, overlays."""
 
 from kedro.pipeline import Pipeline, node, pipeline
 
@@ -19,6 +19,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["raw_slides", "demo_manifest", "params:ingestion"],
                 "slide_meta",
                 name="read_slide_metadata",
+            ),
+            node(
+                nodes.make_slide_groups,
+                [
+                    "slide_sheet",
+                    "slide_meta",
+                    "params:ingestion.slide_sheet_strict",
+                    "params:demo.slide_sheet",
+                ],
+                "slide_groups",
+                name="validate_slide_sheet",
             ),
             node(
                 nodes.make_tissue_maps,
