@@ -49,7 +49,7 @@ def test_upper_case_lab_slide_is_a_study_and_its_sheet_is_left_alone(tmp_path: P
 
     manifest = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
 
-    assert manifest["generated"] is False
+    assert manifest["n_slides"] == 1
     assert sheet.read_text() == "slide,group\nLAB01,control\n"
     assert sorted(p.name for p in (raw / "slides").iterdir()) == ["LAB01.CZI"]
 
@@ -118,7 +118,7 @@ def ingestion_params(slides_dir: Path, **changes: Any) -> dict[str, Any]:
         "skip_bad_slides": False,
         "plausible_pixel_size_um": [0.05, 6.0],
         "tissue": {"map_um_per_px": 4.0, "fill_holes_max_um2": 1000.0, "min_object_um2": 100.0},
-        "tiles": {"tile_px": 128, "overlap_px": 0, "min_tissue_fraction": 0.15},
+        "tiles": {"tile_px": 128, "largest_cell_um": 10.0, "min_tissue_fraction": 0.15},
     } | changes
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +17,7 @@ from tests.conftest import kedro, make_project_copy
 
 # A tiny study: 4 small demo slides cut into 600 px tiles, half of the tissue tiles sampled.
 TINY_RUN = (
-    "demo.spec=small,ingestion.tiles.tile_px=600,ingestion.sampling.fraction=0.5,"
+    "demo.spec=small,ingestion.tiles.tile_px=1000,ingestion.sampling.fraction=0.5,"
     "ingestion.tissue.map_um_per_px=4.0,segmentation.runtime.progress=false"
 )
 
@@ -59,7 +64,7 @@ def test_default_run_produces_every_output(demo_run: Path) -> None:
     tile_index = pd.read_parquet(data / "02_intermediate" / "tile_index.parquet")
     sample = pd.read_parquet(data / "02_intermediate" / "tile_sample.parquet")
     assert set(sample["tile_id"]) <= set(tile_index.loc[tile_index["is_tissue"], "tile_id"])
-    assert len(sample) == round(0.5 * tile_index["is_tissue"].sum())
+    assert len(sample) == math.floor(0.5 * tile_index["is_tissue"].sum() + 0.5)
     assert sorted(p.name for p in (data / "08_reporting" / "tissue_overlays").glob("*.png")) == [
         f"{name}.png" for name in sorted(slide_meta)
     ]
@@ -77,7 +82,8 @@ def test_default_run_produces_every_output(demo_run: Path) -> None:
 def test_rerun_skips_finished_tiles(demo_run: Path) -> None:
     before = pd.read_parquet(demo_run / "data" / "03_primary" / "cells.parquet")
     kedro(demo_run, "run", "--pipeline", "segmentation", "--params", TINY_RUN)
-    summary = json.loads((demo_run / "data" / "03_primary" / "segmentation_run.json").read_text())
+    manifest = json.loads((demo_run / "data" / "03_primary" / "tile_store.manifest.json").read_text())
+    summary = manifest["summary"]
     assert summary["n_processed"] == 0 and summary["n_skipped"] == summary["n_tiles"] > 0
     pd.testing.assert_frame_equal(before, pd.read_parquet(demo_run / "data" / "03_primary" / "cells.parquet"))
 
@@ -103,3 +109,92 @@ def test_bad_slide_is_named_or_skipped(demo_run: Path) -> None:
         )
     finally:
         bad.unlink()
+
+
+def test_describe_and_viz_show_the_tile_store_between_segmentation_and_cells(project: Path) -> None:
+    described = kedro(project, "catalog", "describe-datasets", "--pipeline", "segmentation").stdout
+    assert "tile_store" in described and "TileStoreDataset" in described
+    kedro(project, "viz", "build")
+    segmentation = json.loads((project / "build" / "api" / "pipelines" / "segmentation").read_text())
+    ids = {node["id"]: node["name"] for node in segmentation["nodes"]}
+    edges = {(ids[e["source"]], ids[e["target"]]) for e in segmentation["edges"]}
+    assert ("segment_sampled_tiles", "tile_store") in edges and ("tile_store", "make_cells_table") in edges
+
+
+@pytest.fixture()
+def finished_copy(demo_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished demo project that a test may damage."""
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("build", "*.lock"))
+    return copy
+
+
+def test_counts_on_an_old_cells_table_with_a_new_tile_sample_are_refused(finished_copy: Path) -> None:
+    # A new sample (e.g. after a crash, a rerun of ingestion only), then only the counts node: the cells table
+    # was built from the old sample, so densities would be silently wrong.
+    kedro(
+        finished_copy,
+        "run",
+        "--pipeline",
+        "ingestion",
+        "--params",
+        TINY_RUN + ",ingestion.sampling.fraction=0.25",
+    )
+    with pytest.raises(AssertionError, match="do not belong together.*(tile_sample|params:ingestion)"):
+        kedro(finished_copy, "run", "--nodes", "summarise_cell_counts", "--params", TINY_RUN)
+
+
+def test_only_missing_outputs_reruns_segmentation_when_the_store_is_gone(finished_copy: Path) -> None:
+    shutil.rmtree(finished_copy / "data" / "03_primary" / "tile_store")
+    kedro(finished_copy, "run", "--only-missing-outputs", "--params", TINY_RUN)
+    manifest = json.loads((finished_copy / "data" / "03_primary" / "tile_store.manifest.json").read_text())
+    assert manifest["summary"]["n_processed"] == len(manifest["tiles"]) > 0
+
+
+def test_a_kill_while_the_cells_table_is_written_leaves_the_old_table(finished_copy: Path) -> None:
+    cells_path = finished_copy / "data" / "03_primary" / "cells.parquet"
+    before = pd.read_parquet(cells_path)
+    env = {
+        **os.environ,
+        "MK_HSPC_FAILPOINT": "atomic:cells.parquet:written",
+        "KEDRO_DISABLE_TELEMETRY": "true",
+    }
+    killed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("kedro")),
+            "run",
+            "--pipeline",
+            "segmentation",
+            "--params",
+            TINY_RUN,
+        ],
+        cwd=finished_copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9
+    pd.testing.assert_frame_equal(pd.read_parquet(cells_path), before)
+    kedro(finished_copy, "run", "--pipeline", "segmentation", "--params", TINY_RUN)
+    pd.testing.assert_frame_equal(pd.read_parquet(cells_path), before)
+    assert not [p for p in cells_path.parent.iterdir() if p.name.startswith(".cells.parquet")]
+
+
+HOLD_LOCK = (
+    "import sys, time; from mk_hspc.hooks import RunLockHooks; hooks = RunLockHooks(); "
+    "hooks.before_pipeline_run({'project_path': sys.argv[1]}); print('holding', flush=True); time.sleep(120)"
+)
+
+
+def test_a_second_run_on_the_same_folder_is_refused(finished_copy: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(finished_copy)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(AssertionError, match=f"Another mk-hspc run holds .*pid {holder.pid}"):
+            kedro(finished_copy, "run", "--pipeline", "segmentation", "--params", TINY_RUN)
+    finally:
+        holder.kill()
+        holder.wait()

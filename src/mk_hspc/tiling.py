@@ -183,8 +183,9 @@ def overlap_px_for(overlap_um: float, pixel_size_um: float, tile_px: int) -> int
     overlap_px = math.ceil(overlap_um / pixel_size_um - 1e-9)
     if overlap_px * 2 >= tile_px:
         raise ValueError(
-            f"an overlap of {overlap_um} µm is {overlap_px} px at {pixel_size_um} µm/px, too large for "
-            f"tile_px={tile_px} (the overlap must be under half the tile); raise tile_px"
+            f"ingestion.tiles.largest_cell_um = {overlap_um} µm is a tile overlap of {overlap_px} px at "
+            f"{pixel_size_um} µm/px, too large for ingestion.tiles.tile_px = {tile_px} (the overlap must be "
+            "under half the tile); raise tile_px"
         )
     return overlap_px
 

@@ -48,7 +48,10 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
     slides_path = Path(slides_dir)
     existing = find_slides(slides_path)
     if existing:
-        return {"generated": False, "reason": f"{len(existing)} slide(s) already in {slides_path}"}
+        # The same record whether the demo was written now or earlier: it orders the nodes after this one and
+        # is part of their lineage, which must not change just because a rerun found the slides in place.
+        logger.info("%d slide(s) already in %s; no demo written", len(existing), slides_path)
+        return {"slides_dir": str(slides_path), "n_slides": len(existing)}
     from mk_hspc.demo import DemoSpec, demo_files, make_demo_study  # heavy: only when there are no slides
 
     out_dir = Path(demo["out_dir"])
@@ -80,7 +83,7 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
     spec = dataclasses.replace(spec, **(demo.get("overrides") or {}))
     logger.info("No slides in %s: writing the demo study (%d slides)", slides_path, spec.n_slides)
     study = make_demo_study(out_dir, spec)
-    return {"generated": True, "out_dir": str(out_dir), "n_slides": len(study.slide_paths)}
+    return {"slides_dir": str(slides_path), "n_slides": len(study.slide_paths)}
 
 
 def _open_checked(
