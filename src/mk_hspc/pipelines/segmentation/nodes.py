@@ -5,7 +5,6 @@ Thin wrappers over ``tile_work`` (the prefetching, resumable run) and ``cells_ta
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,34 +16,11 @@ from matplotlib.figure import Figure
 from mk_hspc.counts import cell_counts_figure, count_cells
 from mk_hspc.czi import CziSlide
 from mk_hspc.engine.cells_table import build_cells_table
+from mk_hspc.engine.plugins import build_plugins
 from mk_hspc.engine.tile_work import SegmentationSettings, segment_tiles
-from mk_hspc.models import create_feature_extractor, create_segmenter
-from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, plugin_class
 from mk_hspc.pipelines.ingestion.nodes import open_good_slides
 
 logger = logging.getLogger(__name__)
-
-
-def _plugin_params(group: str, spec: Mapping[str, Any], device: str) -> dict[str, Any]:
-    """A plugin's parameters, plus the run-wide ``device`` when its constructor takes one."""
-    params = dict(spec.get("params") or {})
-    if "device" not in params and "device" in inspect.signature(plugin_class(group, spec["name"])).parameters:
-        params["device"] = device
-    return params
-
-
-def build_plugins(segmentation: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-    """Segmenters by cell type and feature extractors, as chosen in ``parameters_segmentation.yml``."""
-    device = segmentation.get("device", "auto")
-    segmenters = {
-        cell_type: create_segmenter(spec["name"], **_plugin_params(SEGMENTER_GROUP, spec, device))
-        for cell_type, spec in segmentation["segmenters"].items()
-    }
-    extractors = [
-        create_feature_extractor(spec["name"], **_plugin_params(FEATURE_GROUP, spec, device))
-        for spec in segmentation.get("features") or []
-    ]
-    return segmenters, extractors
 
 
 def segment_sampled_tiles(
