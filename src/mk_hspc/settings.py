@@ -10,4 +10,7 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # Kedro's default ("destructive") replaces a whole top-level block of conf/base with an env's block, so
+    # conf/local or conf/gpu would have to repeat every key of it; "soft" overrides only the keys they set.
+    "merge_strategy": {"parameters": "soft"},
 }
