@@ -1,4 +1,4 @@
-"""Parameters as Kedro merges them: conf/local and conf/gpu override single keys of conf/base."""
+"""Parameters: soft-merged conf envs, plugin choice by name, and the schema checked before `kedro run` starts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from mk_hspc.engine.plugins import build_plugins, chosen_plugins, plugin_problems
-from mk_hspc.params_schema import ParameterError
+from mk_hspc.params_schema import ParameterError, validate_parameters
 from mk_hspc.settings import CONFIG_LOADER_ARGS
+from tests.conftest import kedro, make_project_copy
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -103,3 +104,107 @@ def test_build_plugins_builds_the_chosen_plugins_with_their_own_parameters() -> 
     assert [s.name for s in segmenters.values()] == ["classical", "noop"]
     assert segmenters["mk"].mode == "mk" and segmenters["mk"].params.min_area_um2 == 200.0
     assert [e.name for e in extractors] == ["morphology"]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+def with_value(params: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """``params`` with the dotted ``key`` set to ``value`` (in place)."""
+    *parents, last = key.split(".")
+    block = params
+    for part in parents:
+        block = block[part]
+    block[last] = value
+    return params
+
+
+def problems_of(params: dict[str, Any]) -> list[str]:
+    with pytest.raises(ParameterError) as raised:
+        validate_parameters(params)
+    assert str(raised.value).count("\n") == len(raised.value.problems)  # one line each
+    return raised.value.problems
+
+
+@pytest.mark.parametrize("env", ["local", "gpu"])
+def test_the_projects_own_parameters_are_valid(env: str) -> None:
+    validate_parameters(load_parameters(env=env))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("ingestion.tiles.tile_px", 2999.5, "input should be a valid integer, got 2999.5"),
+        ("ingestion.tiles.tile_px", 100, "input should be greater than or equal to 256, got 100"),
+        ("ingestion.tissue.map_um_per_px", 0.01, "input should be greater than or equal to 1, got 0.01"),
+        ("ingestion.tiles.min_tissue_fraction", -1, "input should be greater than or equal to 0, got -1"),
+        ("ingestion.tiles.largest_cell_um", 0.0, "input should be greater than 0, got 0.0"),
+        ("ingestion.sampling.fraction", 1.5, "input should be less than or equal to 1, got 1.5"),
+        ("ingestion.skip_bad_slides", "yes", "input should be a valid boolean, got 'yes'"),
+        ("ingestion.plausible_pixel_size_um", [2.0, 0.05], "should be [low, high] with low < high"),
+        ("ingestion.pixel_size_um_by_slide", {"slide_01": -0.25}, None),
+        ("segmentation.device", "gpu", "should be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ("segmentation.runtime.reader_threads", 0, "input should be greater than or equal to 1, got 0"),
+        ("demo.spec", "tiny", "input should be 'default' or 'small', got 'tiny'"),
+    ],
+)
+def test_an_implausible_value_is_named_by_its_key(key: str, value: Any, problem: str | None) -> None:
+    (reported,) = problems_of(with_value(load_parameters(), key, value))
+    if problem is None:  # a mapping: the problem is inside it
+        assert reported.startswith(f"{key}.slide_01: input should be greater than 0")
+    else:
+        assert reported.startswith(f"{key}: {problem}")
+
+
+def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
+    params = load_parameters()
+    with_value(params, "ingestion.tiles.overlap_px", 0)  # the key largest_cell_um replaced
+    with_value(params, "demo.overrides", {"n_slide": 2})
+    params["export"] = {}
+    assert problems_of(params) == [
+        "demo.overrides.n_slide: unknown key; allowed: " + ", ".join(_demo_spec_fields()),
+        "ingestion.tiles.overlap_px: unknown key; allowed: tile_px, largest_cell_um, min_tissue_fraction",
+        "export: unknown key; allowed: demo, ingestion, segmentation",
+    ]
+
+
+def _demo_spec_fields() -> list[str]:
+    import dataclasses
+
+    from mk_hspc.demo.spec import DemoSpec
+
+    return [f.name for f in dataclasses.fields(DemoSpec)]
+
+
+def test_every_problem_is_reported_at_once_plugins_included() -> None:
+    params = load_parameters()
+    with_value(params, "ingestion.tiles.tile_px", 2999.5)
+    with_value(params, "segmentation.runtime.progress", 1)
+    del params["segmentation"]["tile_store_dir"]
+    with_value(params, "segmentation.segmenters.mk.params.classical.min_aera_um2", 150.0)
+    keys = [problem.partition(": ")[0] for problem in problems_of(params)]
+    assert keys == [
+        "ingestion.tiles.tile_px",
+        "segmentation.tile_store_dir",
+        "segmentation.runtime.progress",
+        "segmentation.segmenters.mk.params.classical.min_aera_um2",
+    ]
+
+
+def test_keys_being_added_and_removed_in_ingestion_are_accepted() -> None:
+    params = load_parameters()
+    params["ingestion"].pop("slide_sheet", None)
+    params["ingestion"] |= {
+        "slide_sheet_strict": False,
+        "plausible_pixel_size_um": [0.1, 1.0],
+        "pixel_size_um_by_slide": {"slide_01": 0.25},
+        "pixel_size_um_override": 0.1725,
+    }
+    validate_parameters(params)
+
+
+def test_kedro_run_with_a_bad_value_stops_before_any_node(tmp_path: Path) -> None:
+    project = make_project_copy(tmp_path / "project")
+    with pytest.raises(AssertionError) as failed:
+        kedro(project, "run", "--params", "ingestion.tiles.tile_px=2999.5", timeout=300)
+    assert "ingestion.tiles.tile_px: input should be a valid integer, got 2999.5" in str(failed.value)
+    # The first node would have written the demo study.
+    assert not list(project.glob("data/01_raw/**/*.czi"))

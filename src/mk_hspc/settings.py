@@ -6,6 +6,10 @@ git-ignored, the default run env) and `gpu` (learned models: ``kedro run --env g
 
 from kedro.config import OmegaConfigLoader
 
+from mk_hspc.hooks import ParameterValidationHooks
+
+HOOKS = (ParameterValidationHooks(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
