@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from mk_hspc.engine.plugins import build_plugins
 from mk_hspc.models import create_feature_extractor, create_segmenter
 from mk_hspc.models.features.resnet import (
     ResNet50Features,
@@ -483,29 +484,27 @@ def test_resolve_device():
 
 
 def test_gpu_environment_parameters_build_the_learned_plugins(tmp_path):
-    """Every plugin in ``conf/gpu`` accepts its parameters (weights paths swapped for stand-in files;
-    the models load lazily, so nothing is read)."""
-    import yaml
+    """Every plugin ``conf/gpu`` selects accepts its parameters from ``conf/base`` (weights paths swapped for
+    stand-in files; the models load lazily, so nothing is read)."""
+    from tests.test_parameters import load_parameters
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "gpu" / "parameters_segmentation.yml"
-    segmentation = yaml.safe_load(conf.read_text())["segmentation"]
+    segmentation = load_parameters(env="gpu")["segmentation"]
     stand_in = tmp_path / "weights.bin"
-    stand_in.write_bytes(b"stand-in, never read")
+    stand_in.write_bytes(b"")
+    for params in [
+        *(spec["params"][spec["name"]] for spec in segmentation["segmenters"].values()),
+        *(spec["params"] for spec in segmentation["features"].values()),
+    ]:
+        params.update({key: str(stand_in) for key in ("checkpoint", "weights") if key in params})
 
-    def params(entry: dict) -> dict:
-        swapped = {
-            key: str(stand_in) if key in ("checkpoint", "weights") else value
-            for key, value in entry["params"].items()
-        }
-        return {**swapped, "device": "cpu"}
-
-    built = [
-        create_segmenter(entry["name"], **params(entry)) for entry in segmentation["segmenters"].values()
+    segmenters, extractors = build_plugins({**segmentation, "device": "cpu"})
+    built = [*segmenters.values(), *extractors]
+    assert [plugin.name for plugin in built] == [
+        "sam2",
+        "cellpose",
+        "morphology",
+        "sam2_embedding",
+        "resnet50",
     ]
-    built += [
-        create_feature_extractor(entry["name"], **params(entry))
-        for entry in segmentation["features"]
-        if entry["name"] != "morphology"  # another module's plugin
-    ]
-    assert [plugin.name for plugin in built] == ["sam2", "cellpose", "sam2_embedding", "resnet50"]
+    assert all(plugin.device == torch.device("cpu") for plugin in built if hasattr(plugin, "device"))
     assert built[0].settings.points_per_side == 24 and built[0].config == "configs/sam2.1/sam2.1_hiera_l.yaml"

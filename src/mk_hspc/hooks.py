@@ -1,4 +1,4 @@
-"""Project hooks: a run lock on the data folder, and provenance (what each output was built from).
+"""Project hooks: parameters validated, a run lock on the data folder, and provenance of every output.
 
 Provenance: every output written through :class:`~mk_hspc.datasets.atomic.AtomicDataset` (and the tile
 store) records in its manifest the digests of the inputs it was built from, and theirs in turn. Before a
@@ -24,11 +24,21 @@ from filelock import FileLock, Timeout
 from kedro.framework.hooks import hook_impl
 
 from mk_hspc.engine.fingerprint import digest
+from mk_hspc.params_schema import validate_parameters
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".mk_hspc_run.lock"
 HOLDER_NAME = ".mk_hspc_run.holder.json"
+
+
+class ParameterValidationHooks:
+    """Stops ``kedro run`` before its first node when the merged parameters (conf envs and ``--params``)
+    break the schema, with a message naming every offending key (:class:`~mk_hspc.params_schema.ParameterError`)."""
+
+    @hook_impl
+    def before_pipeline_run(self, catalog: Any) -> None:
+        validate_parameters(catalog.load("parameters"))
 
 
 class StaleInputError(RuntimeError):

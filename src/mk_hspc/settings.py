@@ -6,13 +6,17 @@ git-ignored, the default run env) and `gpu` (learned models: ``kedro run --env g
 
 from kedro.config import OmegaConfigLoader
 
-from mk_hspc.hooks import ProvenanceHooks, RunLockHooks
+from mk_hspc.hooks import ParameterValidationHooks, ProvenanceHooks, RunLockHooks
 
-# Run lock first: a refused second run must not touch anything.
-HOOKS = (RunLockHooks(), ProvenanceHooks())
+# Every hook here only reads or refuses before any node runs, except provenance, which checks each node's
+# inputs and hands its outputs their lineage.
+HOOKS = (ParameterValidationHooks(), RunLockHooks(), ProvenanceHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # Kedro's default ("destructive") replaces a whole top-level block of conf/base with an env's block, so
+    # conf/local or conf/gpu would have to repeat every key of it; "soft" overrides only the keys they set.
+    "merge_strategy": {"parameters": "soft"},
 }

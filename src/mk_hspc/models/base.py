@@ -47,7 +47,11 @@ class Segmenter(Protocol):
     """Turns an RGB tile into instance labels.
 
     Implementations are constructed once per run from parameters (``__init__(**params)``) and then
-    called per tile from a single model-worker thread, so they may keep models on the GPU.
+    called per tile from a single model-worker thread, so they may keep models on the GPU. The run checks
+    the parameter names in conf against the constructor's signature before building anything; a
+    constructor that takes ``**kwargs`` names what they may hold in a classmethod
+    ``keyword_parameters(arguments) -> frozenset[str]`` (``arguments``: its named parameters, defaults
+    applied), or else checks them itself.
     """
 
     name: str
@@ -59,7 +63,7 @@ class Segmenter(Protocol):
 
 @runtime_checkable
 class FeatureExtractor(Protocol):
-    """Describes cells of a tile as a feature matrix with named columns."""
+    """Describes cells of a tile as a feature matrix with named columns (built like a :class:`Segmenter`)."""
 
     name: str
 

@@ -21,6 +21,7 @@ own coarser pixel size (integer binning) where the scale allows, and returns lab
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -493,12 +494,18 @@ class ClassicalSegmenter:
 
     name = "classical"
 
+    @classmethod
+    def keyword_parameters(cls, arguments: Mapping[str, Any]) -> frozenset[str]:
+        """The names ``**params`` accepts for the constructor's named ``arguments`` (the ``mode``)."""
+        param_class = HspcParams if arguments["mode"] == "hspc" else MkParams
+        return frozenset(f.name for f in dataclasses.fields(param_class))
+
     def __init__(self, mode: str = "hspc", **params: Any) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         param_class = HspcParams if mode == "hspc" else MkParams
-        known = {f.name for f in dataclasses.fields(param_class)}
+        known = self.keyword_parameters({"mode": mode})
         unknown = sorted(set(params) - known)
         if unknown:
             raise TypeError(f"unknown parameter(s) for classical mode {mode!r}: {', '.join(unknown)}")

@@ -23,7 +23,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -480,6 +481,11 @@ class Sam2Segmenter:
     """
 
     name = "sam2"
+
+    @classmethod
+    def keyword_parameters(cls, arguments: Mapping[str, Any]) -> frozenset[str]:
+        """The names ``**amg_settings`` accepts: the :class:`AmgSettings` fields."""
+        return frozenset(f.name for f in fields(AmgSettings))
 
     def __init__(
         self,

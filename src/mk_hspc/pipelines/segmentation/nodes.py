@@ -6,7 +6,6 @@ dataset) and ``mk_hspc.counts``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -20,33 +19,10 @@ from mk_hspc.czi import CziSlide
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.cells_table import build_cells_table
 from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.engine.plugins import build_plugins, chosen_plugins
 from mk_hspc.engine.tile_work import SegmentationSettings
-from mk_hspc.models import create_feature_extractor, create_segmenter
-from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, plugin_class
 
 logger = logging.getLogger(__name__)
-
-
-def _plugin_params(group: str, spec: Mapping[str, Any], device: str) -> dict[str, Any]:
-    """A plugin's parameters, plus the run-wide ``device`` when its constructor takes one."""
-    params = dict(spec.get("params") or {})
-    if "device" not in params and "device" in inspect.signature(plugin_class(group, spec["name"])).parameters:
-        params["device"] = device
-    return params
-
-
-def build_plugins(segmentation: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
-    """Segmenters by cell type and feature extractors, as chosen in ``parameters_segmentation.yml``."""
-    device = segmentation.get("device", "auto")
-    segmenters = {
-        cell_type: create_segmenter(spec["name"], **_plugin_params(SEGMENTER_GROUP, spec, device))
-        for cell_type, spec in segmentation["segmenters"].items()
-    }
-    extractors = [
-        create_feature_extractor(spec["name"], **_plugin_params(FEATURE_GROUP, spec, device))
-        for spec in segmentation.get("features") or []
-    ]
-    return segmenters, extractors
 
 
 def check_overlap_covers_cells(segmenters: Mapping[str, Any], largest_cell_um: float) -> None:
@@ -92,8 +68,19 @@ def segment_sampled_tiles(
         segmenters=segmenters,
         feature_extractors=extractors,
         settings=SegmentationSettings(**segmentation.get("runtime", {})),
-        params={"segmenters": segmentation["segmenters"], "features": segmentation.get("features")},
+        params=chosen_plugin_conf(segmentation),
     )
+
+
+def chosen_plugin_conf(segmentation: Mapping[str, Any]) -> dict[str, Any]:
+    """The conf of the chosen plugins only: another plugin's settings (or its weights) change no tile."""
+    segmenters, features = chosen_plugins(segmentation)
+    return {
+        "segmenters": {
+            cell_type: {"name": c.name, "params": c.params} for cell_type, c in segmenters.items()
+        },
+        "features": [{"name": c.name, "params": c.params} for c in features],
+    }
 
 
 def make_cells_table(tile_store: TileStore, tile_sample: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,226 @@
+"""The parameters' schema: types, ranges and allowed keys of every block of ``conf/*/parameters_*.yml``.
+
+:func:`validate_parameters` runs before any node of a ``kedro run`` (``mk_hspc.hooks``), so a misspelt key
+or an implausible value stops the run at its start with the dotted key of every problem. The models only
+check: nodes still receive the plain parameters. A key the code reads with a default is optional here, with
+the code's default shown for reference (never applied); a new parameters block needs a model here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from mk_hspc.tissue.detect import MAX_OD
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=1)]
+# Error type of a mapping checked against names known only at run time (one problem per unknown name).
+UNKNOWN_KEYS = "unknown_keys"
+MAX_SHOWN_CHARS = 80  # of a wrong value quoted in a message
+
+
+class ParameterError(ValueError):
+    """Parameters that break the schema; the message lists every problem, each with its dotted key."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("Invalid parameters:\n" + "\n".join(f"  {problem}" for problem in self.problems))
+
+
+class _Block(BaseModel):
+    # strict: 2999.5 for a pixel count or "yes" for a flag is an error, never silently converted.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+class Demo(_Block):
+    generate_if_empty: bool
+    out_dir: str
+    spec: Literal["default", "small"] = "default"  # the DemoSpec presets (classmethods of that name)
+    overrides: dict[str, Any] = {}
+
+    @field_validator("overrides")
+    @classmethod
+    def _demo_spec_fields(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        if overrides:
+            from mk_hspc.demo.spec import DemoSpec  # only when used: the demo package imports the writer
+
+            allowed = [f.name for f in dataclasses.fields(DemoSpec)]
+            unknown = [name for name in overrides if name not in allowed]
+            if unknown:
+                raise PydanticCustomError(
+                    UNKNOWN_KEYS, "unknown keys {unknown}", {"unknown": unknown, "allowed": allowed}
+                )
+        return overrides
+
+
+# ------------------------------------------------------------------------------------------- ingestion
+class Tissue(_Block):
+    """``tissue.study.build_tissue_maps`` keywords."""
+
+    # The low-resolution read's pixel size: finer than 1 µm/px is a full-resolution read of the slide
+    # (gigabytes per map), coarser than 64 µm/px cannot resolve a 3000 px tile (~500 µm).
+    map_um_per_px: float = Field(8.0, ge=1.0, le=64.0)
+    smooth_sigma_um: NonNegativeFloat = 0.0
+    fill_holes_max_um2: NonNegativeFloat = 250_000.0
+    min_object_um2: NonNegativeFloat = 20_000.0
+    unscanned_rgb_max: int = Field(0, ge=0, le=255)
+    histogram_bins: int = Field(1024, ge=16)
+    threshold_method: Literal["triangle", "otsu"] = "triangle"
+    min_threshold_od: NonNegativeFloat = 0.0
+    max_threshold_od: PositiveFloat = MAX_OD
+    threads: Count = 2
+    block_px: int = Field(8192, ge=256)
+
+
+class Tiles(_Block):
+    tile_px: int = Field(ge=256, le=20_000)
+    # The tile overlap in px is derived per slide from this and the slide's pixel size.
+    largest_cell_um: PositiveFloat
+    min_tissue_fraction: Fraction
+
+
+class Sampling(_Block):
+    """``tiling.sample_tiles`` keywords."""
+
+    fraction: float = Field(0.10, gt=0, le=1)
+    seed: int = 0
+
+
+class Ingestion(_Block):
+    slides_dir: str
+    pixel_size_um_override: PositiveFloat | None = None
+    skip_bad_slides: bool
+    # Being replaced by the slide sheet handling below; accepted until conf/base drops it.
+    slide_sheet: str | None = None
+    slide_sheet_strict: bool = True
+    plausible_pixel_size_um: list[PositiveFloat] = Field([0.05, 2.0], min_length=2, max_length=2)
+    pixel_size_um_by_slide: dict[str, PositiveFloat] = {}
+    tissue: Tissue
+    tiles: Tiles
+    sampling: Sampling
+
+    @field_validator("plausible_pixel_size_um")
+    @classmethod
+    def _low_then_high(cls, bounds: list[float]) -> list[float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError("should be [low, high] with low < high")
+        return bounds
+
+
+# ---------------------------------------------------------------------------------------- segmentation
+class SegmenterChoice(_Block):
+    """The plugin that segments one cell type, and every plugin's parameters under its own name (the
+    names and parameter keys are checked against the plugins themselves: ``engine.plugins``)."""
+
+    name: str
+    params: dict[str, dict[str, Any]] = {}
+
+
+class FeatureChoice(_Block):
+    enabled: bool
+    params: dict[str, Any] = {}
+
+
+class Runtime(_Block):
+    """``engine.tile_work.SegmentationSettings`` fields."""
+
+    reader_threads: Count = 2
+    prefetch_tiles: Count = 2
+    writer_threads: Count = 1
+    pending_writes: Count = 2
+    progress: bool = True
+    fsync: bool = True
+    label_chunk_px: int = Field(512, ge=16)
+    release_memory_every_tiles: Count | None = 8
+
+
+class Segmentation(_Block):
+    device: str = "auto"
+    segmenters: dict[str, SegmenterChoice] = Field(min_length=1)
+    features: dict[str, FeatureChoice] = {}
+    runtime: Runtime = Runtime()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        kind, _, index = device.partition(":")
+        if not (device in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit())):
+            raise ValueError("should be auto, cpu, cuda or cuda:N")
+        return device
+
+
+class Parameters(_Block):
+    """Every parameters block (``params:<block>`` in the pipelines)."""
+
+    demo: Demo
+    ingestion: Ingestion
+    segmentation: Segmentation
+
+
+# ------------------------------------------------------------------------------------------ validation
+def validate_parameters(params: Mapping[str, Any]) -> None:
+    """Check the merged parameters against the schema and the chosen plugins' constructors.
+
+    Raises:
+        ParameterError: listing every problem as ``dotted.key: what is wrong``, e.g.
+            ``ingestion.tiles.tile_px: input should be a valid integer, got 2999.5``.
+    """
+    errors: list[ErrorDetails] = []
+    try:
+        Parameters.model_validate(dict(params))
+    except ValidationError as exc:
+        errors = exc.errors()
+    problems = [problem for error in errors for problem in _describe(error)]
+    # The plugins are checked once the blocks that choose them are well formed.
+    plugin_blocks = {("segmentation", "segmenters"), ("segmentation", "features")}
+    if not any(error["loc"] == ("segmentation",) or error["loc"][:2] in plugin_blocks for error in errors):
+        # Imported here: engine.plugins raises this module's ParameterError.
+        from mk_hspc.engine.plugins import plugin_problems
+
+        problems += plugin_problems(params["segmentation"])
+    if problems:
+        raise ParameterError(problems)
+
+
+def _describe(error: ErrorDetails) -> list[str]:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        model = _model_at(error["loc"][:-1])
+        return [f"{key}: unknown key" + (f"; allowed: {', '.join(model.model_fields)}" if model else "")]
+    if error["type"] == UNKNOWN_KEYS:
+        allowed = ", ".join(error["ctx"]["allowed"])
+        return [f"{key}.{name}: unknown key; allowed: {allowed}" for name in error["ctx"]["unknown"]]
+    if error["type"] == "missing":
+        return [f"{key}: missing"]
+    if error["type"] == "model_type":
+        return [f"{key}: input should be a mapping of keys, got {_shown(error['input'])}"]
+    message = error["msg"].removeprefix("Value error, ")
+    return [f"{key}: {message[:1].lower()}{message[1:]}, got {_shown(error['input'])}"]
+
+
+def _shown(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= MAX_SHOWN_CHARS else shown[: MAX_SHOWN_CHARS - 3] + "..."
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model that validates the mapping at ``loc`` (for the allowed keys of an unknown one)."""
+    annotation: Any = Parameters
+    for part in loc:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                return None
+            annotation = annotation.model_fields[part].annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
