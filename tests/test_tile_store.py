@@ -171,3 +171,33 @@ def test_leftover_temporary_files_are_removed_and_never_count(tmp_path):
     assert sorted(removed) == sorted([leftover, other])
     assert [p.name for p in folder.iterdir()] == [f"{TILE_ID}.h5"]
     assert remove_temporary_files(tmp_path / "absent") == []
+
+
+FULL_DISK_WRITE = """
+import resource, signal, sys
+import numpy as np, pandas as pd
+from mk_hspc.tile_store import TileResult, write_tile_result
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, writes fail with EFBIG like on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+labels = np.random.default_rng(0).integers(0, 1000, (1500, 1500)).astype(np.int32)  # incompressible
+cells = pd.DataFrame({"cell_id": pd.Series(["a"], dtype="str"), "label": np.array([1], np.int32)})
+write_tile_result(sys.argv[1], TileResult(
+    tile_id="s_s0_r000_c000", slide="s", window=(0, 0, 1500, 1500), core=(0, 0, 1500, 1500),
+    pixel_size_um=0.5, params_hash="new", labels={"mk": labels}, cells=cells))
+"""
+
+
+def test_a_full_disk_is_an_error_not_a_crash_and_keeps_the_previous_tile(tmp_path):
+    import subprocess
+    import sys
+
+    previous = make_result(params_hash="old")
+    previous = TileResult(**{**previous.__dict__, "tile_id": "s_s0_r000_c000", "slide": "s"})
+    write_tile_result(tmp_path, previous)
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITE, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])  # -11 was a segfault
+    assert "File too large" in result.stderr
+    assert is_tile_done(tmp_path, "s_s0_r000_c000", "old", slide="s")
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["s_s0_r000_c000.h5"]

@@ -201,3 +201,13 @@ def test_an_empty_weights_file_is_refused_when_the_plugin_checks_its_path(tmp_pa
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"ResNet-50 weights.*resnet50\.pth.*empty"):
         require_file(empty, "ResNet-50 weights")
+
+
+def test_feature_columns_are_part_of_the_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mk_hspc.models.features import morphology
+
+    described = fingerprint.plugin_fingerprint(morphology.MorphologyFeatures())
+    assert described["columns"] == morphology.morphology_columns()
+    before = compute_params_hash({"mk": DarkBlobSegmenter()}, [morphology.MorphologyFeatures()])
+    monkeypatch.setattr(morphology, "FEATURE_NAMES", (*morphology.FEATURE_NAMES, "new_feature"))
+    assert compute_params_hash({"mk": DarkBlobSegmenter()}, [morphology.MorphologyFeatures()]) != before

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import io
 import json
 import logging
 import os
@@ -236,22 +237,19 @@ def read_tile_result(
 
 
 def _write_file(path: Path, result: TileResult, label_chunk_px: int) -> None:
-    """Write and close the HDF5 file; on any error the file object is closed here, never left to the GC.
+    """Build the HDF5 file in memory, then write its bytes with plain Python I/O.
 
-    A write that fails (a full disk) leaves HDF5 with dirty buffers; if the ``File`` object then survives in
-    the traceback, the garbage collector finalises it at interpreter exit, when h5py's machinery is half torn
-    down, which crashed the process (segfault) after the correct error message.
+    HDF5 must never meet a disk error: after a failed write (a full disk) the library keeps the file open
+    with dirty buffers and flushes them again when the interpreter exits, which crashed the process
+    (segfault) after the correct error message. An in-memory image cannot fail that way, and a failing
+    ``write`` of its bytes is an ordinary ``OSError``. One tile's file is a few MB (labels are compressed).
     """
-    h5 = h5py.File(path, "w", track_order=True)
-    try:
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as h5:
         _write_contents(h5, result, label_chunk_px)
         h5.attrs[_COMPLETE_ATTR] = True  # last: a file without it is never trusted
-    except BaseException:
-        with contextlib.suppress(Exception):
-            h5.close()
-        del h5
-        raise
-    h5.close()
+    with open(path, "wb") as handle:
+        handle.write(image.getbuffer())
 
 
 def _write_contents(h5: h5py.File, result: TileResult, label_chunk_px: int) -> None:

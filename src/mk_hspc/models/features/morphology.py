@@ -56,6 +56,10 @@ class MorphologyFeatures:
 
     name = "morphology"
 
+    def columns(self) -> list[str]:
+        """The output columns, in order (part of the tile fingerprint: a new feature recomputes tiles)."""
+        return morphology_columns()
+
     def extract(
         self, tile_rgb: np.ndarray, labels: np.ndarray, cell_labels: np.ndarray, pixel_size_um: float
     ) -> pd.DataFrame:
