@@ -81,10 +81,12 @@ def test_demo_never_replaces_a_labs_slide_sheet(tmp_path: Path) -> None:
 def test_empty_folder_gets_the_demo_and_a_rerun_keeps_it(tmp_path: Path) -> None:
     raw = tmp_path / "01_raw"
     first = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
-    assert first == {"generated": True, "out_dir": str(raw), "n_slides": 1}
+    assert first == {"slides_dir": str(raw / "slides"), "n_slides": 1}
     assert (raw / "slides" / "demo_01.czi").is_file() and (raw / "slide_sheet.csv").is_file()
+    written = (raw / "slides" / "demo_01.czi").stat().st_mtime_ns
     again = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
-    assert again["generated"] is False
+    assert again == first  # the same record: downstream lineage does not change on a rerun
+    assert (raw / "slides" / "demo_01.czi").stat().st_mtime_ns == written
 
 
 def test_interrupted_demo_leftovers_do_not_block_the_demo(tmp_path: Path) -> None:
@@ -98,7 +100,7 @@ def test_interrupted_demo_leftovers_do_not_block_the_demo(tmp_path: Path) -> Non
     pending = {"generator_version": "1", "spec": spec.to_dict(), "complete": False}
     _write_manifest(raw / MANIFEST_NAME, pending | {"files": {"slides/demo_01.czi.part": None}})
 
-    assert prepare_demo_slides(demo_params(raw), str(raw / "slides"))["generated"] is True
+    assert prepare_demo_slides(demo_params(raw), str(raw / "slides"))["n_slides"] == 1
     assert sorted(p.name for p in (raw / "slides").iterdir()) == ["demo_01.czi"]
 
 

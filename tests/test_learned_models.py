@@ -490,7 +490,7 @@ def test_gpu_environment_parameters_build_the_learned_plugins(tmp_path):
 
     segmentation = load_parameters(env="gpu")["segmentation"]
     stand_in = tmp_path / "weights.bin"
-    stand_in.write_bytes(b"")
+    stand_in.write_bytes(b"stand-in, never read")
     for params in [
         *(spec["params"][spec["name"]] for spec in segmentation["segmenters"].values()),
         *(spec["params"] for spec in segmentation["features"].values()),

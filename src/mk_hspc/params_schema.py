@@ -45,6 +45,7 @@ class Demo(_Block):
     out_dir: str
     spec: Literal["default", "small"] = "default"  # the DemoSpec presets (classmethods of that name)
     overrides: dict[str, Any] = {}
+    slide_sheet: str | None = None  # where the demo's sheet lies (names it in messages)
 
     @field_validator("overrides")
     @classmethod
@@ -99,7 +100,6 @@ class Ingestion(_Block):
     pixel_size_um_override: PositiveFloat | None = None
     skip_bad_slides: bool
     # Being replaced by the slide sheet handling below; accepted until conf/base drops it.
-    slide_sheet: str | None = None
     slide_sheet_strict: bool = True
     plausible_pixel_size_um: list[PositiveFloat] = Field([0.05, 2.0], min_length=2, max_length=2)
     pixel_size_um_by_slide: dict[str, PositiveFloat] = {}

@@ -6,6 +6,7 @@ dataset) and ``mk_hspc.counts``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -74,7 +75,7 @@ def segment_sampled_tiles(
 
 def chosen_plugin_conf(segmentation: Mapping[str, Any]) -> dict[str, Any]:
     """The conf of the chosen plugins only: another plugin's settings (or its weights) change no tile."""
-    segmenters, features = chosen_plugins(segmentation)
+    segmenters, features = chosen_plugins(copy.deepcopy(segmentation))
     return {
         "segmenters": {
             cell_type: {"name": c.name, "params": c.params} for cell_type, c in segmenters.items()
