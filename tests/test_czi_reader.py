@@ -17,7 +17,8 @@ import pytest
 from pylibCZIrw import czi as pyczi
 
 from mk_hspc.czi import Box, CziSlide, CziSlideError, open_slide
-from mk_hspc.czi.container import read_container, read_raw_subblock, subblock_data_range
+from mk_hspc.czi.container import read_raw_subblock, subblock_data_range
+from mk_hspc.czi.reader import read_subblocks
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PIXEL_SIZE_UM = 0.25
@@ -125,12 +126,12 @@ def test_override_does_not_replace_a_recorded_pixel_size() -> None:
 @pytest.mark.shared_data
 def test_negative_origin_read_matches_stored_subblocks() -> None:
     path = shared_file("aicspylibczi/tiles.czi")
-    container = read_container(path)
+    subblocks = read_subblocks(path)
     with open_slide(path) as slide:
         for channel in (0, 1):
-            first = next(e for e in container.subblocks if e.coords["C"] == channel and e.coords["M"] == 0)
+            first = next(e for e in subblocks if e.coords["C"] == channel and e.coords["M"] == 0)
             assert (first.x, first.y) == (-127, -128)
-            stored = read_raw_subblock(container, first)[..., 0]
+            stored = read_raw_subblock(path, first)[..., 0]
             pixels = slide.read_region(-127, -128, 254, 256, channel=channel)  # M1 overlaps 2 columns
             assert np.array_equal(pixels[..., 0], stored[:, :254])
             assert np.array_equal(pixels[..., 0], pixels[..., 2])  # grey replicated to RGB
@@ -139,15 +140,15 @@ def test_negative_origin_read_matches_stored_subblocks() -> None:
 @pytest.mark.shared_data
 def test_overlapping_tiles_higher_m_index_is_drawn_on_top() -> None:
     path = shared_file("czitools/1_tileregion.czi")
-    container = read_container(path)
-    tiles = {e.coords["M"]: e for e in container.subblocks if e.is_layer0}
+    subblocks = read_subblocks(path)
+    tiles = {e.coords["M"]: e for e in subblocks if e.is_layer0}
     m0, m1 = tiles[0], tiles[1]
     overlap_w = m0.x + m0.w - m1.x  # 40 px shared by M0 and M1 (rows above M6's overlap)
     with open_slide(path) as slide:
         pixels = slide.read_region(m1.x, m1.y, overlap_w, 270)[..., 0]
         depth = slide.bit_depth
-    stored_m0 = gray16_to_uint8(read_raw_subblock(container, m0)[:270, m1.x - m0.x :, 0], depth)
-    stored_m1 = gray16_to_uint8(read_raw_subblock(container, m1)[:270, :overlap_w, 0], depth)
+    stored_m0 = gray16_to_uint8(read_raw_subblock(path, m0)[:270, m1.x - m0.x :, 0], depth)
+    stored_m1 = gray16_to_uint8(read_raw_subblock(path, m1)[:270, :overlap_w, 0], depth)
     assert np.array_equal(pixels, stored_m1)
     assert not np.array_equal(pixels, stored_m0)
 
@@ -156,8 +157,8 @@ def test_overlapping_tiles_higher_m_index_is_drawn_on_top() -> None:
 def test_gray16_is_scaled_by_the_recorded_bit_depth() -> None:
     """WellD6 records ComponentBitCount 14: 0..16383 maps onto 0..255 (not >>8, which would cap at 63)."""
     path = shared_file("czitools/WellD6_S1.czi")
-    container = read_container(path)
-    stored = read_raw_subblock(container, next(e for e in container.subblocks if e.is_layer0))[..., 0]
+    subblocks = read_subblocks(path)
+    stored = read_raw_subblock(path, next(e for e in subblocks if e.is_layer0))[..., 0]
     with open_slide(path) as slide:
         assert slide.bit_depth == 14
         pixels = slide.read_region(0, 0, 544, 440)
@@ -168,8 +169,8 @@ def test_gray16_is_scaled_by_the_recorded_bit_depth() -> None:
 @pytest.mark.shared_data
 def test_multichannel_rgb_reads_channel_zero_by_default_and_any_channel_on_request() -> None:
     path = shared_file("aicspylibczi/RGB-multichannel.czi")
-    container = read_container(path)
-    stored = {e.coords["C"]: read_raw_subblock(container, e) for e in container.subblocks}
+    subblocks = read_subblocks(path)
+    stored = {e.coords["C"]: read_raw_subblock(path, e) for e in subblocks}
     with open_slide(path) as slide:
         assert slide.n_channels == 7
         default = slide.read_region(0, 0, 147, 81)
@@ -185,13 +186,13 @@ def test_multichannel_rgb_reads_channel_zero_by_default_and_any_channel_on_reque
 @pytest.mark.parametrize("relative", ["czitools/1_tileregion.czi", "czitools/WellD6_S1.czi"])
 def test_half_resolution_read_is_served_from_the_pyramid_subblock(relative: str) -> None:
     path = shared_file(relative)
-    container = read_container(path)
-    pyramid = next(e for e in container.subblocks if not e.is_layer0)
+    subblocks = read_subblocks(path)
+    pyramid = next(e for e in subblocks if not e.is_layer0)
     assert pyramid.zoom == 0.5
     with open_slide(path) as slide:
         half = slide.read_region(pyramid.x, pyramid.y, pyramid.w, pyramid.h, scale=0.5)[..., 0]
         full = slide.read_region(pyramid.x, pyramid.y, pyramid.w, pyramid.h)[..., 0].astype(np.float64)
-        stored = gray16_to_uint8(read_raw_subblock(container, pyramid)[..., 0], slide.bit_depth)
+        stored = gray16_to_uint8(read_raw_subblock(path, pyramid)[..., 0], slide.bit_depth)
     assert half.shape == (pyramid.stored_h, pyramid.stored_w)
     assert np.array_equal(half, stored)  # exactly the stored pyramid pixels ...
     naive = full.reshape(half.shape[0], 2, half.shape[1], 2).mean(axis=(1, 3))
@@ -383,8 +384,7 @@ def test_truncated_real_file_with_directory_up_front_raises_at_open(tmp_path: Pa
 def test_corrupt_subblock_data_raises_named_error_on_read(tmp_path: Path) -> None:
     tile = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     path = write_czi(tmp_path / "z.czi", [(tile, (0, 0))], compression="zstd1:ExplicitLevel=1")
-    container = read_container(path)
-    payload, _ = subblock_data_range(container, container.subblocks[0])
+    payload, _ = subblock_data_range(path, 0)
     data = bytearray(path.read_bytes())
     data[payload : payload + 16] = bytes(16)  # wipe the Zstd header of the only subblock
     path.write_bytes(bytes(data))
