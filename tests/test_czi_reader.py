@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pylibCZIrw import czi as pyczi
 
 from mk_hspc.czi import Box, CziSlide, CziSlideError, open_slide
 from mk_hspc.czi.container import read_raw_subblock, subblock_data_range
+from mk_hspc.czi.native import NativeReader
 from mk_hspc.czi.reader import read_subblocks
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -391,6 +393,112 @@ def test_corrupt_subblock_data_raises_named_error_on_read(tmp_path: Path) -> Non
     with open_slide(path) as slide, pytest.raises(CziSlideError) as caught:
         slide.read_region(0, 0, 64, 64)
     assert str(path) in str(caught.value) and "failed" in caught.value.reason
+
+
+def _four_tile_czi(path: Path) -> Path:
+    return write_czi(path, [(np.full((256, 256, 3), 100, np.uint8), (x, 0)) for x in range(0, 1024, 256)])
+
+
+def _directory_entry_offsets(data: bytes) -> list[int]:
+    """Byte offset of every subblock directory entry (ZISRAW layout, see mk_hspc.czi.container)."""
+    (directory,) = struct.unpack_from("<q", data, 32 + 4 * 4 + 2 * 16 + 4)
+    (n_entries,) = struct.unpack_from("<i", data, directory + 32)
+    offsets, offset = [], directory + 32 + 128
+    for _ in range(n_entries):
+        offsets.append(offset)
+        offset += 32 + 20 * struct.unpack_from("<i", data, offset + 28)[0]
+    return offsets
+
+
+def _patched_copy(source: Path, target: Path, offset: int, payload: bytes) -> Path:
+    data = bytearray(source.read_bytes())
+    data[offset : offset + len(payload)] = payload
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_pylibczirw_silently_drops_subblocks_after_a_malformed_directory_entry(tmp_path: Path) -> None:
+    """Why `check_file` walks the directory: libCZI opens such a file without an error, enumerates the
+    entries before the damage only and reads the rest of the slide as background. If a later pylibCZIrw
+    raises here instead, the walk may be replaced by that error."""
+    good = _four_tile_czi(tmp_path / "good.czi")
+    third = _directory_entry_offsets(good.read_bytes())[2]
+    bad = _patched_copy(good, tmp_path / "bad_entry.czi", third, b"XX")  # schema "DV" -> "XX"
+    with pyczi.open_czi(str(bad)) as reader:
+        seen: list[int] = []
+        reader.enumerate_subblocks(lambda index, info: seen.append(index) or True)
+        assert len(seen) == 2
+        assert reader.read(roi=(0, 0, 1024, 256), plane={}).mean() < 100  # tiles 3 and 4: background
+    with pytest.raises(CziSlideError) as caught:
+        open_slide(bad)
+    assert caught.value.path == str(bad)
+    assert caught.value.reason == "corrupt: subblock directory entry 2 is malformed"
+
+
+def test_pylibczirw_opens_a_file_truncated_after_its_directory(tmp_path: Path) -> None:
+    """Why `check_file` checks the last subblock's end: libCZI only fails on the first read of a missing
+    subblock. Simulated by moving the last subblock beyond the end of a file (pylibCZIrw itself writes the
+    directory last, so cutting its files loses the directory, which libCZI does notice)."""
+    good = _four_tile_czi(tmp_path / "good.czi")
+    last = _directory_entry_offsets(good.read_bytes())[-1]
+    beyond = good.stat().st_size + 4096
+    bad = _patched_copy(good, tmp_path / "cut.czi", last + 6, struct.pack("<q", beyond))  # FilePosition
+    with pyczi.open_czi(str(bad)) as reader:
+        seen: list[int] = []
+        reader.enumerate_subblocks(lambda index, info: seen.append(index) or True)
+        assert len(seen) == 4
+        with pytest.raises(RuntimeError, match="Not enough data"):
+            reader.read(roi=(768, 0, 256, 256), plane={})
+    with pytest.raises(CziSlideError) as caught:
+        open_slide(bad)
+    assert caught.value.path == str(bad)
+    assert caught.value.reason.startswith(f"truncated: subblock 3 should start at byte {beyond}")
+
+
+def test_other_directory_damage_raises_named_errors_at_open(tmp_path: Path) -> None:
+    good = _four_tile_czi(tmp_path / "good.czi")
+    data = good.read_bytes()
+    second = _directory_entry_offsets(data)[1]
+    (directory,) = struct.unpack_from("<q", data, 32 + 4 * 4 + 2 * 16 + 4)
+    cases = {
+        # libCZI enumerates a zero-width subblock and reads its area as background
+        _patched_copy(good, tmp_path / "w0.czi", second + 32 + 8, struct.pack("<i", 0)): (
+            "corrupt: subblock 1 has an empty or negative size"
+        ),
+        _patched_copy(
+            good, tmp_path / "magic.czi", directory, b"GARBAGE_GARBAGE!"
+        ): "corrupt: no subblock directory",
+        _patched_copy(good, tmp_path / "count.czi", directory + 32, struct.pack("<i", 10**8)): "truncated",
+        _patched_copy(good, tmp_path / "meta.czi", 32 + 4 * 4 + 2 * 16 + 4 + 8, struct.pack("<q", 10**12)): (
+            "truncated: the metadata segment"
+        ),
+    }
+    for path, reason in cases.items():
+        with pytest.raises(CziSlideError) as caught:
+            open_slide(path)
+        assert caught.value.path == str(path) and caught.value.reason.startswith(reason)
+
+
+def test_a_subblock_count_libczi_disagrees_with_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    path = _four_tile_czi(tmp_path / "good.czi")
+    monkeypatch.setattr(NativeReader, "subblocks", lambda self: ())
+    with pytest.raises(CziSlideError, match="lists 4 subblocks but libCZI enumerates 0"):
+        open_slide(path)
+
+
+def test_subblocks_come_from_libczi_with_names_and_zoom(tmp_path: Path) -> None:
+    path = write_czi(
+        tmp_path / "z.czi", [(np.zeros((64, 96), np.uint16), (-5, 7))], compression="zstd0:ExplicitLevel=1"
+    )
+    (entry,) = read_subblocks(path)
+    assert (entry.x, entry.y, entry.w, entry.h, entry.stored_w, entry.stored_h) == (-5, 7, 96, 64, 96, 64)
+    assert (entry.pixel_type, entry.compression, entry.zoom, entry.is_layer0) == (
+        "Gray16",
+        "Zstd0",
+        1.0,
+        True,
+    )
+    assert entry.coords == {"Z": 0, "C": 0, "T": 0, "S": 0, "M": 0}  # M from libCZI's mIndex
 
 
 # ----------------------------------------------------------------------------- threads and pickling
