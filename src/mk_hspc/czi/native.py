@@ -10,7 +10,7 @@ module being the only user.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import _pylibCZIrw
 import numpy as np
@@ -23,18 +23,25 @@ from mk_hspc.czi.errors import CziSlideError
 PLANE_DIMENSIONS = ("Z", "C", "T", "R", "I", "H", "V", "B")
 
 
-# libCZI's enum says "UnCompressed"; SlideMeta.compression has always said "Uncompressed" (CONTRACTS.md).
-_COMPRESSION_NAMES = {"UnCompressed": "Uncompressed"}
+# Names of libCZI's pixel-type and compression codes (compression: the raw code in the file), read once:
+# looking an enum's name up per subblock costs more than the rest of the enumeration. "UnCompressed" is
+# renamed because SlideMeta.compression has always said "Uncompressed" (CONTRACTS.md).
+_PIXEL_TYPE_NAMES = {int(code): name for name, code in _pylibCZIrw.PixelType.__members__.items()}
+_COMPRESSION_NAMES = {int(code): name for name, code in _pylibCZIrw.CompressionMode.__members__.items()} | {
+    int(_pylibCZIrw.CompressionMode.UnCompressed): "Uncompressed"
+}
 
 
-@dataclass(frozen=True)
-class SubblockEntry:
+class SubblockEntry(NamedTuple):
     """One subblock as libCZI's directory enumeration describes it (no pixels).
+
+    A named tuple rather than a dataclass: a whole-slide scan has tens of thousands of subblocks, and
+    building frozen dataclasses took a third of the enumeration time.
 
     Attributes:
         index: libCZI's subblock index (the position in the file's directory).
-        pixel_type: e.g. ``"Bgr24"``.
-        compression: e.g. ``"Zstd1"``.
+        pixel_type: e.g. ``"Bgr24"``; ``"PixelType<code>"`` for a code libCZI does not know.
+        compression: e.g. ``"Zstd1"``; ``"Compression<code>"`` for a code libCZI does not know.
         x, y, w, h: Logical rectangle in absolute CZI pixels (full resolution).
         stored_w, stored_h: Stored bitmap size; smaller than ``w, h`` for pyramid subblocks.
         zoom: Stored / logical size as libCZI computes it: 1.0 on layer 0, e.g. 0.5 for a 2x pyramid
@@ -52,7 +59,7 @@ class SubblockEntry:
     stored_w: int
     stored_h: int
     zoom: float
-    coords: dict[str, int] = field(default_factory=dict)
+    coords: dict[str, int]
 
     @property
     def is_layer0(self) -> bool:
@@ -61,28 +68,24 @@ class SubblockEntry:
 
 def _entry(index: int, info: _pylibCZIrw.SubBlockInfo) -> SubblockEntry:
     rect, stored = info.logicalRect, info.physicalSize
-    pixel_type = info.pixelType
-    # pybind11 names a code outside libCZI's enum "???" (e.g. Bgra32 = 9); keep the code in the name.
-    pixel_type_name = pixel_type.name if pixel_type.name != "???" else f"PixelType{int(pixel_type)}"
-    mode = info.get_compression_mode()
-    compression = (
-        mode.name if mode != _pylibCZIrw.CompressionMode.Invalid else f"Compression{info.compressionModeRaw}"
-    )
-    coords = dict(info.coordinate.to_dict())
+    x, y, w, h = rect.x, rect.y, rect.w, rect.h
+    pixel_type = int(info.pixelType)
+    compression = info.compressionModeRaw
+    coords = info.coordinate.to_dict()
     if info.is_mindex_valid():
-        coords["M"] = int(info.mIndex)
+        coords["M"] = info.mIndex
     return SubblockEntry(
-        index=int(index),
-        pixel_type=pixel_type_name,
-        compression=_COMPRESSION_NAMES.get(compression, compression),
-        x=rect.x,
-        y=rect.y,
-        w=rect.w,
-        h=rect.h,
-        stored_w=stored.w,
-        stored_h=stored.h,
-        zoom=float(info.get_zoom()) if rect.w > 0 and rect.h > 0 else 0.0,
-        coords=coords,
+        index,
+        _PIXEL_TYPE_NAMES.get(pixel_type) or f"PixelType{pixel_type}",
+        _COMPRESSION_NAMES.get(compression) or f"Compression{compression}",
+        x,
+        y,
+        w,
+        h,
+        stored.w,
+        stored.h,
+        info.get_zoom() if w > 0 and h > 0 else 0.0,
+        coords,
     )
 
 
