@@ -36,8 +36,9 @@ from pylibCZIrw import czi as pyczi
 from skimage.transform import downscale_local_mean
 
 from mk_hspc.czi import open_slide
-from mk_hspc.czi.container import read_container, read_raw_subblock
+from mk_hspc.czi.container import read_raw_subblock
 from mk_hspc.czi.native import NativeReader
+from mk_hspc.czi.reader import read_subblocks
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -191,7 +192,7 @@ def compare_libraries(path: Path) -> dict:
 
 
 def slide_box(path: Path) -> tuple[int, int, int, int]:
-    bbox = read_container(path).subblocks
+    bbox = read_subblocks(path)
     x0, y0 = min(e.x for e in bbox), min(e.y for e in bbox)
     return x0, y0, max(e.x + e.w for e in bbox) - x0, max(e.y + e.h for e in bbox) - y0
 
@@ -423,9 +424,8 @@ def pyramid_use() -> dict:
     path = SHARED / "czitools" / "1_tileregion.czi"
     if not path.is_file():
         return {"skipped": f"{path} not found"}
-    container = read_container(path)
-    pyramid = next(entry for entry in container.subblocks if not entry.is_layer0)
-    stored = read_raw_subblock(container, pyramid)[..., 0]
+    pyramid = next(entry for entry in read_subblocks(path) if not entry.is_layer0)
+    stored = read_raw_subblock(path, pyramid)[..., 0]
     with open_slide(path) as slide:
         expected = np.round(stored * (255 / (2**slide.bit_depth - 1))).clip(0, 255).astype(np.uint8)
         box = (pyramid.x, pyramid.y, pyramid.w, pyramid.h)

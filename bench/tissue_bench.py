@@ -210,7 +210,7 @@ def pyramid_effect(repeats: int = 50) -> dict:
     Both go through ``read_slide_thumbnail`` (same overhead); "ignoring" wraps the slide in ``_IgnorePyramid``.
     """
     from mk_hspc.czi import open_slide
-    from mk_hspc.czi.container import read_container
+    from mk_hspc.czi.reader import read_subblocks
     from mk_hspc.tissue import read_slide_thumbnail
 
     if not PYRAMID_FILE.exists():
@@ -226,7 +226,7 @@ def pyramid_effect(repeats: int = 50) -> dict:
                 thumbnail = read_slide_thumbnail(variant, layer_um_per_px, threads=1)
                 timings[name].append(time.perf_counter() - start)
     ms = {name: 1000 * statistics.median(values) for name, values in timings.items()}
-    subblocks = read_container(PYRAMID_FILE).subblocks
+    subblocks = read_subblocks(PYRAMID_FILE)
     stored_px = {
         "with_pyramid": sum(e.stored_w * e.stored_h for e in subblocks if not e.is_layer0),
         "without_pyramid": sum(e.stored_w * e.stored_h for e in subblocks if e.is_layer0),

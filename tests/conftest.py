@@ -83,10 +83,9 @@ def catalog_entry(name: str, **changes: Any) -> dict[str, Any]:
 def corrupt_first_subblock(path: Path) -> Path:
     """Wipe the start of the first subblock's (compressed) pixel data in place: the file still opens, but
     reading that subblock fails in the decoder."""
-    from mk_hspc.czi.container import read_container, subblock_data_range
+    from mk_hspc.czi.container import subblock_data_range
 
-    container = read_container(path)
-    payload, _ = subblock_data_range(container, container.subblocks[0])
+    payload, _ = subblock_data_range(path, 0)
     data = bytearray(path.read_bytes())
     data[payload : payload + 16] = bytes(16)  # the Zstd frame header
     path.write_bytes(bytes(data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 import subprocess
 import sys
 import threading
@@ -17,7 +18,9 @@ import pytest
 from pylibCZIrw import czi as pyczi
 
 from mk_hspc.czi import Box, CziSlide, CziSlideError, open_slide
-from mk_hspc.czi.container import read_container, read_raw_subblock, subblock_data_range
+from mk_hspc.czi.container import read_raw_subblock, subblock_data_range
+from mk_hspc.czi.native import NativeReader
+from mk_hspc.czi.reader import read_subblocks
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PIXEL_SIZE_UM = 0.25
@@ -125,12 +128,12 @@ def test_override_does_not_replace_a_recorded_pixel_size() -> None:
 @pytest.mark.shared_data
 def test_negative_origin_read_matches_stored_subblocks() -> None:
     path = shared_file("aicspylibczi/tiles.czi")
-    container = read_container(path)
+    subblocks = read_subblocks(path)
     with open_slide(path) as slide:
         for channel in (0, 1):
-            first = next(e for e in container.subblocks if e.coords["C"] == channel and e.coords["M"] == 0)
+            first = next(e for e in subblocks if e.coords["C"] == channel and e.coords["M"] == 0)
             assert (first.x, first.y) == (-127, -128)
-            stored = read_raw_subblock(container, first)[..., 0]
+            stored = read_raw_subblock(path, first)[..., 0]
             pixels = slide.read_region(-127, -128, 254, 256, channel=channel)  # M1 overlaps 2 columns
             assert np.array_equal(pixels[..., 0], stored[:, :254])
             assert np.array_equal(pixels[..., 0], pixels[..., 2])  # grey replicated to RGB
@@ -139,15 +142,15 @@ def test_negative_origin_read_matches_stored_subblocks() -> None:
 @pytest.mark.shared_data
 def test_overlapping_tiles_higher_m_index_is_drawn_on_top() -> None:
     path = shared_file("czitools/1_tileregion.czi")
-    container = read_container(path)
-    tiles = {e.coords["M"]: e for e in container.subblocks if e.is_layer0}
+    subblocks = read_subblocks(path)
+    tiles = {e.coords["M"]: e for e in subblocks if e.is_layer0}
     m0, m1 = tiles[0], tiles[1]
     overlap_w = m0.x + m0.w - m1.x  # 40 px shared by M0 and M1 (rows above M6's overlap)
     with open_slide(path) as slide:
         pixels = slide.read_region(m1.x, m1.y, overlap_w, 270)[..., 0]
         depth = slide.bit_depth
-    stored_m0 = gray16_to_uint8(read_raw_subblock(container, m0)[:270, m1.x - m0.x :, 0], depth)
-    stored_m1 = gray16_to_uint8(read_raw_subblock(container, m1)[:270, :overlap_w, 0], depth)
+    stored_m0 = gray16_to_uint8(read_raw_subblock(path, m0)[:270, m1.x - m0.x :, 0], depth)
+    stored_m1 = gray16_to_uint8(read_raw_subblock(path, m1)[:270, :overlap_w, 0], depth)
     assert np.array_equal(pixels, stored_m1)
     assert not np.array_equal(pixels, stored_m0)
 
@@ -156,8 +159,8 @@ def test_overlapping_tiles_higher_m_index_is_drawn_on_top() -> None:
 def test_gray16_is_scaled_by_the_recorded_bit_depth() -> None:
     """WellD6 records ComponentBitCount 14: 0..16383 maps onto 0..255 (not >>8, which would cap at 63)."""
     path = shared_file("czitools/WellD6_S1.czi")
-    container = read_container(path)
-    stored = read_raw_subblock(container, next(e for e in container.subblocks if e.is_layer0))[..., 0]
+    subblocks = read_subblocks(path)
+    stored = read_raw_subblock(path, next(e for e in subblocks if e.is_layer0))[..., 0]
     with open_slide(path) as slide:
         assert slide.bit_depth == 14
         pixels = slide.read_region(0, 0, 544, 440)
@@ -168,8 +171,8 @@ def test_gray16_is_scaled_by_the_recorded_bit_depth() -> None:
 @pytest.mark.shared_data
 def test_multichannel_rgb_reads_channel_zero_by_default_and_any_channel_on_request() -> None:
     path = shared_file("aicspylibczi/RGB-multichannel.czi")
-    container = read_container(path)
-    stored = {e.coords["C"]: read_raw_subblock(container, e) for e in container.subblocks}
+    subblocks = read_subblocks(path)
+    stored = {e.coords["C"]: read_raw_subblock(path, e) for e in subblocks}
     with open_slide(path) as slide:
         assert slide.n_channels == 7
         default = slide.read_region(0, 0, 147, 81)
@@ -185,13 +188,13 @@ def test_multichannel_rgb_reads_channel_zero_by_default_and_any_channel_on_reque
 @pytest.mark.parametrize("relative", ["czitools/1_tileregion.czi", "czitools/WellD6_S1.czi"])
 def test_half_resolution_read_is_served_from_the_pyramid_subblock(relative: str) -> None:
     path = shared_file(relative)
-    container = read_container(path)
-    pyramid = next(e for e in container.subblocks if not e.is_layer0)
+    subblocks = read_subblocks(path)
+    pyramid = next(e for e in subblocks if not e.is_layer0)
     assert pyramid.zoom == 0.5
     with open_slide(path) as slide:
         half = slide.read_region(pyramid.x, pyramid.y, pyramid.w, pyramid.h, scale=0.5)[..., 0]
         full = slide.read_region(pyramid.x, pyramid.y, pyramid.w, pyramid.h)[..., 0].astype(np.float64)
-        stored = gray16_to_uint8(read_raw_subblock(container, pyramid)[..., 0], slide.bit_depth)
+        stored = gray16_to_uint8(read_raw_subblock(path, pyramid)[..., 0], slide.bit_depth)
     assert half.shape == (pyramid.stored_h, pyramid.stored_w)
     assert np.array_equal(half, stored)  # exactly the stored pyramid pixels ...
     naive = full.reshape(half.shape[0], 2, half.shape[1], 2).mean(axis=(1, 3))
@@ -383,14 +386,119 @@ def test_truncated_real_file_with_directory_up_front_raises_at_open(tmp_path: Pa
 def test_corrupt_subblock_data_raises_named_error_on_read(tmp_path: Path) -> None:
     tile = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     path = write_czi(tmp_path / "z.czi", [(tile, (0, 0))], compression="zstd1:ExplicitLevel=1")
-    container = read_container(path)
-    payload, _ = subblock_data_range(container, container.subblocks[0])
+    payload, _ = subblock_data_range(path, 0)
     data = bytearray(path.read_bytes())
     data[payload : payload + 16] = bytes(16)  # wipe the Zstd header of the only subblock
     path.write_bytes(bytes(data))
     with open_slide(path) as slide, pytest.raises(CziSlideError) as caught:
         slide.read_region(0, 0, 64, 64)
     assert str(path) in str(caught.value) and "failed" in caught.value.reason
+
+
+def _four_tile_czi(path: Path) -> Path:
+    return write_czi(path, [(np.full((256, 256, 3), 100, np.uint8), (x, 0)) for x in range(0, 1024, 256)])
+
+
+def _directory_entry_offsets(data: bytes) -> list[int]:
+    """Byte offset of every subblock directory entry (ZISRAW layout, see mk_hspc.czi.container)."""
+    (directory,) = struct.unpack_from("<q", data, 32 + 4 * 4 + 2 * 16 + 4)
+    (n_entries,) = struct.unpack_from("<i", data, directory + 32)
+    offsets, offset = [], directory + 32 + 128
+    for _ in range(n_entries):
+        offsets.append(offset)
+        offset += 32 + 20 * struct.unpack_from("<i", data, offset + 28)[0]
+    return offsets
+
+
+def _patched_copy(source: Path, target: Path, offset: int, payload: bytes) -> Path:
+    data = bytearray(source.read_bytes())
+    data[offset : offset + len(payload)] = payload
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_pylibczirw_silently_drops_subblocks_after_a_malformed_directory_entry(tmp_path: Path) -> None:
+    """Why `check_file` walks the directory: libCZI opens such a file without an error, enumerates the
+    entries before the damage only and reads the rest of the slide as background. If a later pylibCZIrw
+    raises here instead, the walk may be replaced by that error."""
+    good = _four_tile_czi(tmp_path / "good.czi")
+    third = _directory_entry_offsets(good.read_bytes())[2]
+    bad = _patched_copy(good, tmp_path / "bad_entry.czi", third, b"XX")  # schema "DV" -> "XX"
+    with pyczi.open_czi(str(bad)) as reader:
+        seen: list[int] = []
+        reader.enumerate_subblocks(lambda index, info: seen.append(index) or True)
+        assert len(seen) == 2
+        assert reader.read(roi=(0, 0, 1024, 256), plane={}).mean() < 100  # tiles 3 and 4: background
+    with pytest.raises(CziSlideError) as caught:
+        open_slide(bad)
+    assert caught.value.path == str(bad)
+    assert caught.value.reason == "corrupt: subblock directory entry 2 is malformed"
+
+
+def test_pylibczirw_opens_a_file_truncated_after_its_directory(tmp_path: Path) -> None:
+    """Why `check_file` checks the last subblock's end: libCZI only fails on the first read of a missing
+    subblock. Simulated by moving the last subblock beyond the end of a file (pylibCZIrw itself writes the
+    directory last, so cutting its files loses the directory, which libCZI does notice)."""
+    good = _four_tile_czi(tmp_path / "good.czi")
+    last = _directory_entry_offsets(good.read_bytes())[-1]
+    beyond = good.stat().st_size + 4096
+    bad = _patched_copy(good, tmp_path / "cut.czi", last + 6, struct.pack("<q", beyond))  # FilePosition
+    with pyczi.open_czi(str(bad)) as reader:
+        seen: list[int] = []
+        reader.enumerate_subblocks(lambda index, info: seen.append(index) or True)
+        assert len(seen) == 4
+        with pytest.raises(RuntimeError, match="Not enough data"):
+            reader.read(roi=(768, 0, 256, 256), plane={})
+    with pytest.raises(CziSlideError) as caught:
+        open_slide(bad)
+    assert caught.value.path == str(bad)
+    assert caught.value.reason.startswith(f"truncated: subblock 3 should start at byte {beyond}")
+
+
+def test_other_directory_damage_raises_named_errors_at_open(tmp_path: Path) -> None:
+    good = _four_tile_czi(tmp_path / "good.czi")
+    data = good.read_bytes()
+    second = _directory_entry_offsets(data)[1]
+    (directory,) = struct.unpack_from("<q", data, 32 + 4 * 4 + 2 * 16 + 4)
+    cases = {
+        # libCZI enumerates a zero-width subblock and reads its area as background
+        _patched_copy(good, tmp_path / "w0.czi", second + 32 + 8, struct.pack("<i", 0)): (
+            "corrupt: subblock 1 has an empty or negative size"
+        ),
+        _patched_copy(
+            good, tmp_path / "magic.czi", directory, b"GARBAGE_GARBAGE!"
+        ): "corrupt: no subblock directory",
+        _patched_copy(good, tmp_path / "count.czi", directory + 32, struct.pack("<i", 10**8)): "truncated",
+        _patched_copy(good, tmp_path / "meta.czi", 32 + 4 * 4 + 2 * 16 + 4 + 8, struct.pack("<q", 10**12)): (
+            "truncated: the metadata segment"
+        ),
+    }
+    for path, reason in cases.items():
+        with pytest.raises(CziSlideError) as caught:
+            open_slide(path)
+        assert caught.value.path == str(path) and caught.value.reason.startswith(reason)
+
+
+def test_a_subblock_count_libczi_disagrees_with_is_an_error(tmp_path: Path, monkeypatch) -> None:
+    path = _four_tile_czi(tmp_path / "good.czi")
+    monkeypatch.setattr(NativeReader, "subblocks", lambda self: ())
+    with pytest.raises(CziSlideError, match="lists 4 subblocks but libCZI enumerates 0"):
+        open_slide(path)
+
+
+def test_subblocks_come_from_libczi_with_names_and_zoom(tmp_path: Path) -> None:
+    path = write_czi(
+        tmp_path / "z.czi", [(np.zeros((64, 96), np.uint16), (-5, 7))], compression="zstd0:ExplicitLevel=1"
+    )
+    (entry,) = read_subblocks(path)
+    assert (entry.x, entry.y, entry.w, entry.h, entry.stored_w, entry.stored_h) == (-5, 7, 96, 64, 96, 64)
+    assert (entry.pixel_type, entry.compression, entry.zoom, entry.is_layer0) == (
+        "Gray16",
+        "Zstd0",
+        1.0,
+        True,
+    )
+    assert entry.coords == {"Z": 0, "C": 0, "T": 0, "S": 0, "M": 0}  # M from libCZI's mIndex
 
 
 # ----------------------------------------------------------------------------- threads and pickling

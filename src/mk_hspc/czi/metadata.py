@@ -1,19 +1,21 @@
-"""What a slide is (pixel size, extent, scenes, pixel type, pyramid), derived from the container and its XML.
+"""What a slide is (pixel size, extent, scenes, pixel type, pyramid), derived from its subblocks and XML.
 
-Geometry comes from the subblock directory rather than from a reader library: libCZI-based readers disagree
-on scenes (aicspylibczi 4.0.1 reports one scene for a three-scene file) and the directory is the ground
-truth they both read. Only layer-0 (full-resolution) subblocks define boxes; pyramid subblocks never do.
+Geometry comes from the subblock directory as libCZI enumerates it (the ground truth its pixel reads use),
+not from a reader library's summary: libCZI-based readers disagree on scenes (aicspylibczi 4.0.1 reports
+one scene for a three-scene file). Only layer-0 (full-resolution) subblocks define boxes; pyramid
+subblocks never do.
 """
 
 from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mk_hspc.czi.container import CziContainer, SubblockEntry
 from mk_hspc.czi.errors import CziSlideError
+from mk_hspc.czi.native import SubblockEntry
 
 METRES_TO_UM = 1e6
 # Where a slide's pixel size came from (SlideMeta.pixel_size_source).
@@ -135,10 +137,10 @@ def bit_depth_from_xml(root: ElementTree.Element | None, channel: int, pixel_typ
     return container_bits
 
 
-def channel_pixel_types(container: CziContainer) -> dict[int, str]:
+def channel_pixel_types(subblocks: Sequence[SubblockEntry]) -> dict[int, str]:
     """Pixel type of every channel index (layer-0 subblocks)."""
     types: dict[int, str] = {}
-    for entry in container.subblocks:
+    for entry in subblocks:
         if entry.is_layer0:
             types.setdefault(entry.coords.get("C", 0), entry.pixel_type)
     return types
@@ -224,7 +226,8 @@ def check_plausible_pixel_size(meta: SlideMeta, plausible_um: tuple[float, float
 
 
 def build_meta(
-    container: CziContainer,
+    path: str,
+    subblocks: Sequence[SubblockEntry],
     xml_root: ElementTree.Element | None,
     channel: int,
     pixel_size_um: float | None,
@@ -235,11 +238,10 @@ def build_meta(
     ``pixel_size_um`` and ``replace_pixel_size_um`` are `resolve_pixel_size`'s ``override_um`` and
     ``replace_um``.
     """
-    path = container.path
-    layer0 = [entry for entry in container.subblocks if entry.is_layer0]
+    layer0 = [entry for entry in subblocks if entry.is_layer0]
     if not layer0:
         raise CziSlideError(path, "has pyramid subblocks but no full-resolution (layer 0) subblocks")
-    types = channel_pixel_types(container)
+    types = channel_pixel_types(subblocks)
     if channel not in types:
         raise CziSlideError(path, f"has no channel {channel} (channels: {sorted(types)})")
     pixel_type = types[channel]
@@ -257,6 +259,6 @@ def build_meta(
         bbox=union_box(layer0),
         scenes=scene_boxes(layer0),
         pixel_type=pixel_type,
-        has_pyramid=len(layer0) < len(container.subblocks),
+        has_pyramid=len(layer0) < len(subblocks),
         compression="+".join(compressions),
     )

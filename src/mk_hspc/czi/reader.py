@@ -10,12 +10,13 @@ output, whatever the region size.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mk_hspc.czi import pixels
-from mk_hspc.czi.container import CziContainer, read_container, read_metadata_xml
+from mk_hspc.czi.container import CziFileLayout, check_file
 from mk_hspc.czi.errors import CziSlideError
 from mk_hspc.czi.metadata import (
     SlideMeta,
@@ -24,7 +25,7 @@ from mk_hspc.czi.metadata import (
     channel_pixel_types,
     parse_xml,
 )
-from mk_hspc.czi.native import NativeReader, plane_coordinate
+from mk_hspc.czi.native import NativeReader, SubblockEntry, plane_coordinate
 
 THREAD_MODES = ("shared", "lock", "per_thread")
 DOWNSAMPLE_METHODS = ("area", "nearest")
@@ -36,14 +37,12 @@ _ZOOM_TOLERANCE = 0.02
 _BYTES_PER_MIB = 2**20
 
 
-def pyramid_layers(container: CziContainer, channel: int) -> tuple[float, ...]:
+def pyramid_layers(subblocks: Sequence[SubblockEntry], channel: int) -> tuple[float, ...]:
     """Minimum zoom of each pyramid layer of ``channel`` (finest first), layer 0 excluded.
 
     Subblocks within a factor `_LAYER_SPAN` of a layer's smallest zoom belong to it, as in libCZI.
     """
-    zooms = sorted(
-        {e.zoom for e in container.subblocks if not e.is_layer0 and e.coords.get("C", 0) == channel}
-    )
+    zooms = sorted({e.zoom for e in subblocks if not e.is_layer0 and e.coords.get("C", 0) == channel})
     layers: list[float] = []
     for zoom in zooms:
         if not layers or zoom >= layers[-1] * _LAYER_SPAN:
@@ -96,27 +95,31 @@ class CziSlide:
         self._cache_bytes = int(cache_mib * _BYTES_PER_MIB)
         self._thread_mode = thread_mode
 
-        container = read_container(path)
-        xml_root = parse_xml(self.path, read_metadata_xml(container))
-        self.meta: SlideMeta = build_meta(container, xml_root, channel, pixel_size_um, replace_pixel_size_um)
-        self._pixel_types = channel_pixel_types(container)
-        self._bit_depths = {c: bit_depth_from_xml(xml_root, c, t) for c, t in self._pixel_types.items()}
-        self._layers = {c: pyramid_layers(container, c) for c in self._pixel_types}
-        self._planes = {c: plane_coordinate(container, c) for c in self._pixel_types}
-        self.n_subblocks = len(container.subblocks)
-
         self._lock = threading.Lock()
         self._local = threading.local()
         self._handles: list[NativeReader] = []
         self._closed = False
+
+        layout = check_file(path)  # what libCZI does not check (truncation, malformed directory entries)
         self._shared = self._open_native()  # opened now so a file libCZI rejects fails at open time
+        try:
+            subblocks = _checked_subblocks(self._shared, layout)
+            xml_root = parse_xml(self.path, _metadata_xml(self._shared, layout))
+            self.meta: SlideMeta = build_meta(
+                self.path, subblocks, xml_root, channel, pixel_size_um, replace_pixel_size_um
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._pixel_types = channel_pixel_types(subblocks)
+        self._bit_depths = {c: bit_depth_from_xml(xml_root, c, t) for c, t in self._pixel_types.items()}
+        self._layers = {c: pyramid_layers(subblocks, c) for c in self._pixel_types}
+        self._planes = {c: plane_coordinate(subblocks, c) for c in self._pixel_types}
+        self.n_subblocks = len(subblocks)
 
     # ------------------------------------------------------------------ native handles
     def _open_native(self) -> NativeReader:
-        try:
-            handle = NativeReader(self.path, self._cache_bytes)
-        except RuntimeError as error:
-            raise CziSlideError(self.path, f"libCZI cannot open it ({error})") from None
+        handle = _open_libczi(self.path, self._cache_bytes)
         with self._lock:
             self._handles.append(handle)
         return handle
@@ -272,6 +275,48 @@ class CziSlide:
             else:
                 pixels.to_rgb8(pixels.fit_to(raw, r1 - r0, out_w), pixel_type, bit_depth, out=target)
             del raw  # free this strip before libCZI allocates the next one: peak memory stays one strip
+
+
+def _open_libczi(path: str | Path, cache_bytes: int) -> NativeReader:
+    try:
+        return NativeReader(str(path), cache_bytes)
+    except RuntimeError as error:
+        raise CziSlideError(path, f"libCZI cannot open it ({error})") from None
+
+
+def _checked_subblocks(native: NativeReader, layout: CziFileLayout) -> tuple[SubblockEntry, ...]:
+    subblocks = native.subblocks()
+    if len(subblocks) != len(layout.subblock_positions):
+        # libCZI stops enumerating at an entry it cannot parse instead of failing; the rest would read
+        # as background.
+        raise CziSlideError(
+            layout.path,
+            f"corrupt: the subblock directory lists {len(layout.subblock_positions)} subblocks but libCZI "
+            f"enumerates {len(subblocks)}",
+        )
+    return subblocks
+
+
+def _metadata_xml(native: NativeReader, layout: CziFileLayout) -> str:
+    if not layout.metadata_position:
+        return ""  # libCZI raises for a file without a metadata segment; treat it as empty metadata
+    try:
+        return native.metadata_xml()
+    except RuntimeError as error:
+        raise CziSlideError(layout.path, f"libCZI cannot read the XML metadata ({error})") from None
+
+
+def read_subblocks(path: str | Path) -> tuple[SubblockEntry, ...]:
+    """Every subblock of a CZI file as libCZI enumerates it, after the same checks as `open_slide`.
+
+    For tests and benchmarks that look at the stored layout (pyramid subblocks, tile overlaps).
+    """
+    layout = check_file(path)
+    native = _open_libczi(path, cache_bytes=0)
+    try:
+        return _checked_subblocks(native, layout)
+    finally:
+        native.close()
 
 
 def open_slide(path: str | Path, pixel_size_um: float | None = None, **options: object) -> CziSlide:
