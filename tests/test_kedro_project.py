@@ -30,6 +30,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def demo_run(project: Path) -> Path:
     kedro(project, "run", "--params", TINY_RUN)
+    # Kept as finished, for the tests that damage a copy (the shared project changes as tests run).
+    shutil.copytree(project, project.parent / "pristine", ignore=shutil.ignore_patterns("build", "*.lock"))
     return project
 
 
@@ -125,7 +127,7 @@ def test_describe_and_viz_show_the_tile_store_between_segmentation_and_cells(pro
 def finished_copy(demo_run: Path, tmp_path: Path) -> Path:
     """A copy of the finished demo project that a test may damage."""
     copy = tmp_path / "copy"
-    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("build", "*.lock"))
+    shutil.copytree(demo_run.parent / "pristine", copy)
     return copy
 
 
