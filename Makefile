@@ -42,6 +42,9 @@ bench: install
 	$(PY) bench/segmentation_node_bench.py
 	$(PY) bench/bm_graz.py ../shared/data/MICCAI2015_bone_marrow/BM_GRAZ bench/results/bm_graz.json
 	$(PY) bench/gpu_bench.py
+	$(PY) bench/tile_edges.py
+	$(PY) bench/faults.py
+	$(PY) bench/czi_subblock_enumeration.py
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete
