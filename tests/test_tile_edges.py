@@ -47,20 +47,53 @@ def cells_found(rgb: np.ndarray, tiles: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+HEIGHT, WIDTH, TILE_PX = 300, 680, 400
+
+
+def shape_mask(kind: str, centre_x: float) -> np.ndarray:
+    """A dark object across the tile boundary: a disk, an ellipse or a comet (disk + tail, centroid off-centre),
+    all at most 57 µm wide so that a 60 µm overlap covers them."""
+    rows, cols = np.ogrid[:HEIGHT, :WIDTH]
+    cy = HEIGHT / 2
+    um = 1 / PIXEL_SIZE_UM
+    if kind == "disk":
+        return (rows - cy) ** 2 + (cols - centre_x) ** 2 <= (MK_DIAMETER_UM / 2 * um) ** 2
+    if kind == "ellipse":  # 56 x 28 µm, ~1230 µm²
+        return ((cols - centre_x) / (28 * um)) ** 2 + ((rows - cy) / (14 * um)) ** 2 <= 1
+    if kind == "comet":  # a 20 µm disk with a 37 µm tail to its right
+        head = (rows - cy) ** 2 + (cols - (centre_x - 18 * um)) ** 2 <= (10 * um) ** 2
+        tail = (np.abs(rows - cy) <= 2 * um) & (cols >= centre_x - 18 * um) & (cols <= centre_x + 28 * um)
+        return head | tail
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["disk", "ellipse", "comet"])
 @pytest.mark.parametrize("offset_px", range(-70, 71, 7))
-def test_a_large_cell_across_a_tile_edge_is_kept_once_and_whole(offset_px: int) -> None:
-    tile_px, height, width = 400, 300, 680
-    tiles = tiles_of(height, width, tile_px)
+def test_a_large_cell_across_a_tile_edge_is_kept_once_and_whole(kind: str, offset_px: int) -> None:
+    tiles = tiles_of(HEIGHT, WIDTH, TILE_PX)
     assert len(tiles) == 2
     boundary_x = int(tiles["core_x"].max())  # where the second tile's core begins
-    radius_px = MK_DIAMETER_UM / PIXEL_SIZE_UM / 2
-    rows, cols = np.ogrid[:height, :width]
-    centre = (height // 2, boundary_x + offset_px)
-    disk = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius_px**2
-    rgb = np.full((height, width, 3), 230, np.uint8)
-    rgb[disk] = (60, 30, 90)
+    mask = shape_mask(kind, boundary_x + offset_px)
+    rgb = np.full((HEIGHT, WIDTH, 3), 230, np.uint8)
+    rgb[mask] = (60, 30, 90)
 
     cells = cells_found(rgb, tiles)
 
     assert len(cells) == 1, cells[["cell_id", "area_px", "centroid_x_px"]]
-    assert cells["area_px"].iloc[0] == disk.sum()  # whole, not truncated by an edge
+    assert cells["area_px"].iloc[0] == mask.sum()  # whole, not truncated by an edge
+    assert not cells["wider_than_overlap"].iloc[0]
+
+
+@pytest.mark.parametrize("offset_px", range(-70, 71, 10))
+def test_a_cell_wider_than_the_overlap_is_never_lost_and_is_flagged(offset_px: int) -> None:
+    tiles = tiles_of(HEIGHT, WIDTH, TILE_PX)
+    boundary_x = int(tiles["core_x"].max())
+    rows, cols = np.ogrid[:HEIGHT, :WIDTH]
+    um = 1 / PIXEL_SIZE_UM
+    wide = ((cols - boundary_x - offset_px) / (45 * um)) ** 2 + ((rows - HEIGHT / 2) / (12 * um)) ** 2 <= 1
+    rgb = np.full((HEIGHT, WIDTH, 3), 230, np.uint8)
+    rgb[wide] = (60, 30, 90)
+
+    cells = cells_found(rgb, tiles)
+
+    assert len(cells) >= 1 and cells["wider_than_overlap"].all()

@@ -169,8 +169,9 @@ def test_cell_records_follow_contract(blob_study):
     assert set(cells["cell_type"]) == {"mk", "hspc"}
     np.testing.assert_allclose(cells["area_um2"], cells["area_px"] * PIXEL_SIZE_UM**2)
     np.testing.assert_allclose(cells["centroid_x_um"], cells["centroid_x_px"] * PIXEL_SIZE_UM)
-    # centroids inside the core, bounding boxes (absolute px) inside the window and around the centroid
-    assert cells["centroid_x_px"].between(spec.core_x, spec.core_x + spec.core_w, inclusive="left").all()
+    # bounding-box centres inside the core, bounding boxes (absolute px) inside the window and around the centroid
+    box_centre_x = cells["bbox_x"] + (cells["bbox_w"] - 1) / 2
+    assert box_centre_x.between(spec.core_x, spec.core_x + spec.core_w, inclusive="left").all()
     assert (cells["bbox_x"] >= spec.x).all() and (cells["bbox_x"] + cells["bbox_w"] <= spec.x + spec.w).all()
     assert (
         (cells["bbox_x"] <= cells["centroid_x_px"])

@@ -1,8 +1,8 @@
 """The tile grid of every scene, each tile's tissue fraction, and the seeded sample pooled across slides.
 
 Windows may overlap (stride = ``tile_px - overlap_px``); each tile also owns a *core*, and the cores of a scene
-partition it exactly, so a cell kept only when its centroid lies in the core of the tile that found it is
-kept exactly once. Column layout: ``docs/CONTRACTS.md`` ("Tiles").
+partition it exactly, so a cell kept only by the tile whose core holds its bounding-box centre is kept
+exactly once (whole, when the overlap is at least its width and height: ``engine.tile_work``). Column layout: ``docs/CONTRACTS.md`` ("Tiles").
 """
 
 from __future__ import annotations

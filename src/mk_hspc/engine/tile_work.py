@@ -33,6 +33,7 @@ from mk_hspc.tile_store import (
 
 logger = logging.getLogger(__name__)
 
+WIDER = "wider_than_overlap"
 TILE_COLUMNS = ("tile_id", "slide", "x", "y", "w", "h", "core_x", "core_y", "core_w", "core_h")
 CELL_COLUMNS = (
     "cell_id",
@@ -49,6 +50,7 @@ CELL_COLUMNS = (
     "bbox_y",
     "bbox_w",
     "bbox_h",
+    "wider_than_overlap",
 )
 
 
@@ -145,6 +147,8 @@ class RunSummary:
     busy_s: dict[str, float] = field(default_factory=dict)
     # Tiles whose read or segmentation failed (``isolate_failures``): tile_id, slide, stage, error.
     failed_tiles: list[dict[str, str]] = field(default_factory=list)
+    # Cells wider than the tile overlap (kept, flagged; exactly-once not guaranteed for them).
+    n_cells_wider_than_overlap: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,9 +177,10 @@ def process_tile(
 ) -> TileResult:
     """Segment one tile with every segmenter, keep the cells it owns, describe them.
 
-    A cell is owned by the tile whose core window contains its centroid (absolute px, pixel-index
-    convention) and that sees it whole (not cut by an inner window edge), so with tiles overlapping by at
-    least the largest cell's diameter each cell is kept exactly once, whole. Kept cells are relabelled 1..N
+    A cell is owned by the tile whose core holds the centre of its bounding box (absolute px, pixel-index
+    convention); with tiles overlapping by at least the cell's width and height the owner sees it whole, so
+    each such cell is kept exactly once, whole, whatever its shape. Wider cells are kept and flagged
+    (``wider_than_overlap``) rather than lost (see :func:`_ownership`). Kept cells are relabelled 1..N
     in the order of their original labels (deterministic), and ids follow the contract
     ``f"{tile_id}_{cell_type}_{label:05d}"``.
 
@@ -349,13 +354,20 @@ def segment_tiles(
         for error in stats.failures
     ]
     elapsed_s = time.perf_counter() - started
+    if stats.totals.get(WIDER):
+        logger.warning(
+            "%d cell(s) were wider than the tile overlap: they are kept and flagged (wider_than_overlap) but "
+            "may be cut or counted twice; raise ingestion.tiles.largest_cell_um above the largest cell",
+            stats.totals[WIDER],
+        )
     return RunSummary(
         params_hash=params_hash,
         n_tiles=len(specs),
         n_skipped=len(specs) - len(todo),
         n_processed=stats.n_items,  # written tiles (failed ones not included)
         n_recomputed=n_recomputed,
-        n_cells=dict(stats.totals),
+        n_cells={k: v for k, v in stats.totals.items() if k != WIDER},
+        n_cells_wider_than_overlap=int(stats.totals.get(WIDER, 0)),
         elapsed_s=elapsed_s,
         tiles_per_s=stats.n_items / elapsed_s if elapsed_s > 0 else 0.0,
         max_read_queue=stats.max_read_queue,
@@ -370,7 +382,7 @@ def segment_tiles(
 def _owned_cells(
     segmentation: Segmentation, spec: TileSpec, cell_type: str, pixel_size_um: float
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Keep the cells whose centroid lies in the core, relabel them 1..N and build their records."""
+    """Keep the cells this tile owns (see :func:`process_tile`), relabel them 1..N and build their records."""
     labels, scores = segmentation.labels, segmentation.scores
     if labels.shape != (spec.h, spec.w):
         raise ValueError(
@@ -381,15 +393,7 @@ def _owned_cells(
     if segmentation.n_cells == 0:  # nothing found (e.g. a blank tile): skip the pass over the pixels
         return labels, _empty_cells()
     props = regionprops_table(labels, properties=("label", "area", "centroid", "bbox"))
-    centroid_x_px = spec.x + props["centroid-1"]
-    centroid_y_px = spec.y + props["centroid-0"]
-    owned = (
-        (centroid_x_px >= spec.core_x)
-        & (centroid_x_px < spec.core_x + spec.core_w)
-        & (centroid_y_px >= spec.core_y)
-        & (centroid_y_px < spec.core_y + spec.core_h)
-        & ~_cut_by_window_edge(props, spec)
-    )
+    owned, wider = _ownership(props, spec)
     old_labels = props["label"][owned].astype(np.int64)
     n_kept = len(old_labels)
     new_labels = np.arange(1, n_kept + 1, dtype=np.int32)
@@ -399,6 +403,8 @@ def _owned_cells(
         lookup = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int32)
         lookup[old_labels] = new_labels
         kept_image = lookup[labels]
+    centroid_x_px = spec.x + props["centroid-1"][owned]
+    centroid_y_px = spec.y + props["centroid-0"][owned]
     area_px = props["area"][owned].astype(np.int64)
     min_row, min_col = props["bbox-0"][owned], props["bbox-1"][owned]
     max_row, max_col = props["bbox-2"][owned], props["bbox-3"][owned]
@@ -409,10 +415,10 @@ def _owned_cells(
             ),
             "cell_type": pd.Series([cell_type] * n_kept, dtype="str"),
             "label": new_labels,
-            "centroid_x_px": centroid_x_px[owned],
-            "centroid_y_px": centroid_y_px[owned],
-            "centroid_x_um": centroid_x_px[owned] * pixel_size_um,
-            "centroid_y_um": centroid_y_px[owned] * pixel_size_um,
+            "centroid_x_px": centroid_x_px,
+            "centroid_y_px": centroid_y_px,
+            "centroid_x_um": centroid_x_px * pixel_size_um,
+            "centroid_y_um": centroid_y_px * pixel_size_um,
             "area_px": area_px,
             "area_um2": area_px * pixel_size_um**2,
             "score": np.asarray(scores, dtype=np.float32)[old_labels - 1],
@@ -420,26 +426,57 @@ def _owned_cells(
             "bbox_y": (spec.y + min_row).astype(np.int64),
             "bbox_w": (max_col - min_col).astype(np.int64),
             "bbox_h": (max_row - min_row).astype(np.int64),
+            "wider_than_overlap": wider[owned],
         },
         columns=list(CELL_COLUMNS),
     )
     return kept_image, cells
 
 
-def _cut_by_window_edge(props: Mapping[str, np.ndarray], spec: TileSpec) -> np.ndarray:
-    """Cells touching a window edge that is not the scene's edge: the tile sees only part of them.
+def _ownership(props: Mapping[str, np.ndarray], spec: TileSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(owned, wider_than_overlap)`` per region: the exactly-once rule and where it cannot hold.
 
-    A window edge is a scene edge exactly where the core reaches it (first and last tiles of a scene). A cell
-    cut by an inner edge is seen whole by the neighbour (the overlap is at least the largest cell), so
-    keeping the cut part would split or truncate it; its centroid can even fall in this tile's core.
+    A cell belongs to the tile whose core holds the centre of its bounding box. Whatever the cell's shape, a box
+    centred in the core and no wider than the overlap lies inside the window, so the owner sees the cell
+    whole; a cell cut by an inner window edge (one that is not the scene's edge) is therefore someone else's
+    and is dropped here. A cell wider than the overlap can be cut in the tile that owns it and seen whole by no
+    tile: it is kept anyway (a missed cell is lost for good) and flagged, and the run warns to raise
+    ``ingestion.tiles.largest_cell_um``.
     """
     min_row, min_col, max_row, max_col = (props[f"bbox-{i}"] for i in range(4))
-    return (
-        ((min_col == 0) & (spec.core_x > spec.x))
-        | ((max_col == spec.w) & (spec.core_x + spec.core_w < spec.x + spec.w))
-        | ((min_row == 0) & (spec.core_y > spec.y))
-        | ((max_row == spec.h) & (spec.core_y + spec.core_h < spec.y + spec.h))
+    centre_x = spec.x + (min_col + max_col - 1) / 2.0  # pixel-index convention, like the core bounds
+    centre_y = spec.y + (min_row + max_row - 1) / 2.0
+    in_core = (
+        (centre_x >= spec.core_x)
+        & (centre_x < spec.core_x + spec.core_w)
+        & (centre_y >= spec.core_y)
+        & (centre_y < spec.core_y + spec.core_h)
     )
+    inner_left, inner_top = spec.core_x > spec.x, spec.core_y > spec.y
+    inner_right = spec.core_x + spec.core_w < spec.x + spec.w
+    inner_bottom = spec.core_y + spec.core_h < spec.y + spec.h
+    cut = (
+        ((min_col == 0) & inner_left)
+        | ((max_col == spec.w) & inner_right)
+        | ((min_row == 0) & inner_top)
+        | ((max_row == spec.h) & inner_bottom)
+    )
+    max_w = 2 * _smallest_inner_margin(
+        spec.core_x - spec.x if inner_left else None,
+        spec.x + spec.w - spec.core_x - spec.core_w if inner_right else None,
+    )
+    max_h = 2 * _smallest_inner_margin(
+        spec.core_y - spec.y if inner_top else None,
+        spec.y + spec.h - spec.core_y - spec.core_h if inner_bottom else None,
+    )
+    wider = ((max_col - min_col) > max_w) | ((max_row - min_row) > max_h)
+    return in_core & (~cut | wider), wider
+
+
+def _smallest_inner_margin(*margins: int | None) -> float:
+    """Smallest distance between core and window edge on an axis's inner sides (inf when it has none)."""
+    inner = [m for m in margins if m is not None]
+    return float(min(inner)) if inner else float("inf")
 
 
 def _every(n_calls: int | None, func: Callable[[], Any]) -> Callable[[], None] | None:
@@ -458,8 +495,13 @@ def _every(n_calls: int | None, func: Callable[[], Any]) -> Callable[[], None] |
 
 
 def _cells_per_type(result: TileResult, segmenters: Mapping[str, Segmenter]) -> dict[str, int]:
+    """Cells per type in a written tile, plus ``WIDER`` when some were wider than the overlap."""
     counts = result.cells["cell_type"].value_counts()
-    return {cell_type: int(counts.get(cell_type, 0)) for cell_type in segmenters}
+    described = {cell_type: int(counts.get(cell_type, 0)) for cell_type in segmenters}
+    n_wider = int(result.cells["wider_than_overlap"].sum())
+    if n_wider:
+        described[WIDER] = n_wider
+    return described
 
 
 def _checked_features(frame: pd.DataFrame, name: str, cells: pd.DataFrame, tile_id: str) -> pd.DataFrame:
@@ -516,4 +558,5 @@ def _empty_cells() -> pd.DataFrame:
         ("centroid_x_px", "centroid_y_px", "centroid_x_um", "centroid_y_um", "area_um2"), np.float64
     )
     dtypes |= dict.fromkeys(("area_px", "bbox_x", "bbox_y", "bbox_w", "bbox_h"), np.int64)
+    dtypes["wider_than_overlap"] = bool
     return pd.DataFrame({name: pd.Series([], dtype=dtypes[name]) for name in CELL_COLUMNS})
