@@ -36,7 +36,7 @@ class ParameterValidationHooks:
     """Stops ``kedro run`` before its first node when the merged parameters (conf envs and ``--params``)
     break the schema, with a message naming every offending key (:class:`~mk_hspc.params_schema.ParameterError`)."""
 
-    @hook_impl
+    @hook_impl(tryfirst=True)  # before the run lock is taken: a refused run holds nothing
     def before_pipeline_run(self, catalog: Any) -> None:
         validate_parameters(catalog.load("parameters"))
 
@@ -121,7 +121,8 @@ class RunLockHooks:
     """One run at a time per project data folder: a second run refuses at once, naming the holder.
 
     An OS-level lock (``filelock``) is released by the kernel when its holder dies, so a killed run never
-    leaves the project locked; the holder file only says who holds it.
+    leaves the project locked; the holder file only says who holds it. Within one process (a notebook), the
+    next run releases what an interrupted run of the same hooks still holds.
     """
 
     def __init__(self) -> None:
@@ -129,6 +130,9 @@ class RunLockHooks:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        # A run of this process that ended without its closing hooks (Kedro calls none when a
+        # before_pipeline_run hook or a KeyboardInterrupt stops it) must not lock out the next one.
+        self._release()
         lock_path = run_lock_path(run_params["project_path"])
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(lock_path, timeout=0)

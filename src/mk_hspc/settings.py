@@ -8,8 +8,8 @@ from kedro.config import OmegaConfigLoader
 
 from mk_hspc.hooks import ParameterValidationHooks, ProvenanceHooks, RunLockHooks
 
-# Every hook here only reads or refuses before any node runs, except provenance, which checks each node's
-# inputs and hands its outputs their lineage.
+# Parameters are validated first (tryfirst), then the run lock is taken; provenance checks each node's inputs
+# and hands its outputs their lineage.
 HOOKS = (ParameterValidationHooks(), RunLockHooks(), ProvenanceHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
