@@ -211,3 +211,32 @@ def test_feature_columns_are_part_of_the_fingerprint(monkeypatch: pytest.MonkeyP
     before = compute_params_hash({"mk": DarkBlobSegmenter()}, [morphology.MorphologyFeatures()])
     monkeypatch.setattr(morphology, "FEATURE_NAMES", (*morphology.FEATURE_NAMES, "new_feature"))
     assert compute_params_hash({"mk": DarkBlobSegmenter()}, [morphology.MorphologyFeatures()]) != before
+
+
+def test_a_replaced_slide_with_the_same_name_and_size_recomputes_its_tiles(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    slide = ArraySlide(rgb)
+    slide.meta = SimpleNamespace(pixel_size_um=0.5, file_id="guid-a:1000")
+    segment_tiles(sample, {"slide_a": slide}, tmp_path, {"mk": DarkBlobSegmenter()}, settings=QUIET)
+    same = segment_tiles(sample, {"slide_a": slide}, tmp_path, {"mk": DarkBlobSegmenter()}, settings=QUIET)
+    assert same.n_processed == 0
+    slide.meta = SimpleNamespace(pixel_size_um=0.5, file_id="guid-b:1000")  # re-exported under the same name
+    again = segment_tiles(sample, {"slide_a": slide}, tmp_path, {"mk": DarkBlobSegmenter()}, settings=QUIET)
+    assert again.n_recomputed == again.n_processed == len(sample)
+
+
+def test_the_czi_file_identity_is_its_header_guid_and_size(shared_data: Path) -> None:
+    from mk_hspc.czi import open_slide
+    from mk_hspc.czi.container import check_file
+
+    path = shared_data / "aicspylibczi" / "RGB-8bit.czi"
+    layout = check_file(path)
+    assert len(layout.file_guid) == 32 and layout.file_guid != "0" * 32
+    with open_slide(path) as slide:
+        assert slide.meta.file_id == f"{layout.file_guid}:{path.stat().st_size}"
+
+
+def test_engine_and_reader_code_are_part_of_the_fingerprint() -> None:
+    described = dict(fingerprint._module_sources("mk_hspc.engine.tile_work"))
+    assert {"mk_hspc.engine.tile_work", "mk_hspc.tile_store"} <= set(described)
+    assert "mk_hspc.czi.native" in dict(fingerprint._module_sources("mk_hspc.czi.reader"))

@@ -72,6 +72,7 @@ class TileResult:
         cells: one row per kept cell (``cell_id``, ``cell_type``, ``label``, centroids, area, score, bbox).
         features: ``extractor name -> DataFrame`` (float32, index ``cell_id``, rows in ``cells`` order).
         segmenters: ``cell_type -> segmenter name``.
+        slide_file_id: the slide file's identity (header GUID and size): a replaced slide recomputes.
     """
 
     tile_id: str
@@ -84,6 +85,7 @@ class TileResult:
     cells: pd.DataFrame
     features: dict[str, pd.DataFrame] = field(default_factory=dict)
     segmenters: dict[str, str] = field(default_factory=dict)
+    slide_file_id: str = ""  # identity of the slide file the pixels came from (SlideMeta.file_id)
 
 
 def slide_from_tile_id(tile_id: str) -> str:
@@ -121,12 +123,13 @@ def tile_status(
     window: Iterable[int] | None = None,
     core: Iterable[int] | None = None,
     pixel_size_um: float | None = None,
+    slide_file_id: str | None = None,
 ) -> TileStatus:
-    """Classify a tile's final file; ``window``/``core``/``pixel_size_um`` (when given) must match too.
+    """Classify a tile's final file; ``window``, ``core``, ``pixel_size_um``, ``slide_file_id`` must match too.
 
     A result is only as current as everything it was made from: the run's ``params_hash`` (plugins, code,
     packages, weights, conf), the slide's pixel size (µm columns and µm-based parameters depend on it) and
-    the tile's geometry.
+    the tile's geometry, and the slide file itself (a re-exported slide under the same name).
     """
     path = tile_path(store_dir, tile_id, slide)
     if not path.exists():
@@ -146,6 +149,8 @@ def tile_status(
             if core is not None and tuple(attrs["core"].tolist()) != tuple(int(v) for v in core):
                 return TileStatus.STALE
             if pixel_size_um is not None and float(attrs["pixel_size_um"]) != float(pixel_size_um):
+                return TileStatus.STALE
+            if slide_file_id is not None and str(attrs.get("slide_file_id", "")) != slide_file_id:
                 return TileStatus.STALE
     except (OSError, KeyError, ValueError) as exc:
         logger.warning("Tile file %s is unreadable (%s); it will be recomputed", path, exc)
@@ -233,6 +238,7 @@ def read_tile_result(
             cells=cells,
             features=features,
             segmenters=json.loads(attrs["segmenters"]),
+            slide_file_id=str(attrs.get("slide_file_id", "")),
         )
 
 
@@ -259,6 +265,7 @@ def _write_contents(h5: h5py.File, result: TileResult, label_chunk_px: int) -> N
     h5.attrs["window"] = np.asarray(result.window, dtype=np.int64)
     h5.attrs["core"] = np.asarray(result.core, dtype=np.int64)
     h5.attrs["pixel_size_um"] = float(result.pixel_size_um)
+    h5.attrs["slide_file_id"] = result.slide_file_id
     h5.attrs["params_hash"] = result.params_hash
     h5.attrs["cell_types"] = json.dumps(list(result.labels))
     h5.attrs["segmenters"] = json.dumps(result.segmenters)

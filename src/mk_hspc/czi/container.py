@@ -65,12 +65,20 @@ class CziFileLayout:
         file_size: Its size in bytes.
         metadata_position: Byte offset of the XML metadata segment, 0 when the file has none.
         subblock_positions: Byte offset of every subblock segment, in directory order (libCZI's index).
+        file_guid: The header's FileGuid (hex): a scanner or writer gives every written file its own.
     """
 
     path: str
     file_size: int
     metadata_position: int
     subblock_positions: tuple[int, ...]
+    file_guid: str = ""
+
+    @property
+    def file_id(self) -> str:
+        """Identity of the file's content for fingerprints: GUID and size (a replaced or re-exported slide
+        under the same name differs; a copy or a move does not)."""
+        return f"{self.file_guid}:{self.file_size}"
 
 
 def _read_at(handle, position: int, n_bytes: int) -> bytes:
@@ -119,7 +127,9 @@ def _check(path: Path, handle, file_size: int) -> CziFileLayout:
         )
     if len(head) < SEGMENT_HEADER_BYTES + _FILE_HEADER.size:
         raise CziSlideError(path, f"truncated: only {file_size} bytes, too short for the CZI file header")
-    *_, directory_position, metadata_position, _, _ = _FILE_HEADER.unpack_from(head, SEGMENT_HEADER_BYTES)
+    _, _, _, _, _, file_guid, _, directory_position, metadata_position, _, _ = _FILE_HEADER.unpack_from(
+        head, SEGMENT_HEADER_BYTES
+    )
     if directory_position <= 0 or directory_position + SEGMENT_HEADER_BYTES + 4 > file_size:
         raise CziSlideError(
             path,
@@ -153,7 +163,7 @@ def _check(path: Path, handle, file_size: int) -> CziFileLayout:
         raise CziSlideError(
             path, f"truncated: the metadata segment should start at byte {metadata_position} of {file_size}"
         )
-    return CziFileLayout(str(path), file_size, metadata_position, positions)
+    return CziFileLayout(str(path), file_size, metadata_position, positions, file_guid.hex())
 
 
 def _entry_positions(path: Path, blob: bytes, n_entries: int) -> tuple[int, ...]:

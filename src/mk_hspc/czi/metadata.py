@@ -61,6 +61,7 @@ class SlideMeta:
     pixel_type: str
     has_pyramid: bool
     compression: str
+    file_id: str = ""  # the file's header GUID and size (CziFileLayout.file_id): tiles record it
 
     def to_dict(self) -> dict:
         """Plain dict (boxes as ``{"x", "y", "w", "h"}``), e.g. for ``slide_meta.json``."""

@@ -9,6 +9,7 @@ output, whatever the region size.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,8 +106,9 @@ class CziSlide:
         try:
             subblocks = _checked_subblocks(self._shared, layout)
             xml_root = parse_xml(self.path, _metadata_xml(self._shared, layout))
-            self.meta: SlideMeta = build_meta(
-                self.path, subblocks, xml_root, channel, pixel_size_um, replace_pixel_size_um
+            self.meta: SlideMeta = dataclasses.replace(
+                build_meta(self.path, subblocks, xml_root, channel, pixel_size_um, replace_pixel_size_um),
+                file_id=layout.file_id,
             )
         except BaseException:
             self.close()

@@ -1,15 +1,18 @@
 """Fingerprints of everything that decides a tile's result, so that a changed input always recomputes.
 
 A tile result depends on: the plugins' classes and parameters (numbers normalised, so ``250 == 250.0``),
-the code that runs them (source of the plugin's module and of every ``mk_hspc`` module it uses), the
+the code that runs them (source of the plugin's module and of every module of its package or of ``mk_hspc``
+that it uses), the engine and reader code around them (tile work, cell ownership, the store, CZI decoding), the
 versions of the third-party packages that code imports, the *content* of weight files (not their paths),
 the feature columns, and per tile the slide's pixel size and the tile geometry. The first five make the
-run's ``params_hash``; the tile store records the per-tile part (pixel size, window, core) beside it.
+run's ``params_hash``; the tile store records the per-tile part (pixel size, window, core, the slide
+file's identity) beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import inspect
 import json
@@ -33,6 +36,7 @@ _NOT_PLAIN = object()
 # Parameter names whose string value is a file whose content (not path) decides the result.
 WEIGHT_PARAM_NAMES = frozenset({"weights", "checkpoint", "pretrained_model", "model_path"})
 _DIGEST_CACHE_ENV = "MK_HSPC_DIGEST_CACHE"
+ENGINE_MODULES = ("mk_hspc.engine.tile_work", "mk_hspc.czi.reader")
 _digest_lock = threading.Lock()
 
 
@@ -136,21 +140,23 @@ def _with_weight_digests(params: dict[str, Any], owner: str) -> dict[str, Any]:
 
 @cache
 def _module_sources(module_name: str) -> tuple[tuple[str, str], ...]:
-    """``(module, sha256 of its source)`` for a module and every ``mk_hspc`` module it uses, sorted."""
+    """``(module, sha256 of its source)`` for a module and every module of its own top-level package and of
+    ``mk_hspc`` that it uses, transitively, sorted (a lab plugin's helper modules count as much as ours)."""
+    packages = {"mk_hspc", module_name.split(".")[0]}
     seen: dict[str, str] = {}
     stack = [module_name]
     while stack:
         name = stack.pop()
-        if name in seen or name not in sys.modules:
+        if name in seen:
             continue
-        module = sys.modules[name]
+        module = sys.modules.get(name) or importlib.import_module(name)
         source_file = getattr(module, "__file__", None)
         seen[name] = (
             hashlib.sha256(Path(source_file).read_bytes()).hexdigest()[:16]
             if source_file and Path(source_file).is_file()
             else "no-source"
         )
-        stack.extend(dep for dep in _imported_modules(module) if dep.split(".")[0] == "mk_hspc")
+        stack.extend(dep for dep in _imported_modules(module) if dep.split(".")[0] in packages)
     return tuple(sorted(seen.items()))
 
 
@@ -231,6 +237,8 @@ def run_fingerprint(
     return digest(
         {
             "format_version": format_version,
+            # The code around the plugins that shapes a result: tile work and ownership, the store, the reader.
+            "engine": {root: dict(_module_sources(root)) for root in ENGINE_MODULES},
             "segmenters": {cell_type: plugin_fingerprint(seg) for cell_type, seg in segmenters.items()},
             "features": [plugin_fingerprint(extractor) for extractor in feature_extractors],
             "params": _weights_in_nested(extra),

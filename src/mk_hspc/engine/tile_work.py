@@ -174,6 +174,7 @@ def process_tile(
     segmenters: Mapping[str, Segmenter],
     feature_extractors: Sequence[FeatureExtractor] = (),
     params_hash: str = "",
+    slide_file_id: str = "",
 ) -> TileResult:
     """Segment one tile with every segmenter, keep the cells it owns, describe them.
 
@@ -191,6 +192,7 @@ def process_tile(
         segmenters: ``cell_type -> segmenter`` (e.g. ``{"mk": ..., "hspc": ...}``).
         feature_extractors: run on the kept cells of each cell type.
         params_hash: stored with the result (see :func:`compute_params_hash`).
+        slide_file_id: identity of the slide file (``SlideMeta.file_id``), stored with the result.
     """
     expected_shape = (spec.h, spec.w, 3)
     if tile_rgb.shape != expected_shape:
@@ -233,6 +235,7 @@ def process_tile(
         segmenters={
             cell_type: str(getattr(seg, "name", type(seg).__name__)) for cell_type, seg in segmenters.items()
         },
+        slide_file_id=slide_file_id,
     )
 
 
@@ -278,6 +281,7 @@ def segment_tiles(
     )
 
     pixel_sizes_um = {name: float(slides[name].meta.pixel_size_um) for name in {s.slide for s in specs}}
+    file_ids = {name: str(getattr(slides[name].meta, "file_id", "")) for name in pixel_sizes_um}
     todo: list[TileSpec] = []
     redo: dict[TileStatus, list[str]] = {TileStatus.STALE: [], TileStatus.INVALID: []}
     for spec in specs:
@@ -289,6 +293,7 @@ def segment_tiles(
             window=spec.window,
             core=spec.core,
             pixel_size_um=pixel_sizes_um[spec.slide],
+            slide_file_id=file_ids[spec.slide],
         )
         if status is not TileStatus.DONE:
             todo.append(spec)
@@ -320,7 +325,13 @@ def segment_tiles(
 
     def process(spec: TileSpec, tile_rgb: np.ndarray) -> TileResult:
         return process_tile(
-            tile_rgb, spec, pixel_sizes_um[spec.slide], segmenters, feature_extractors, params_hash
+            tile_rgb,
+            spec,
+            pixel_sizes_um[spec.slide],
+            segmenters,
+            feature_extractors,
+            params_hash,
+            slide_file_id=file_ids[spec.slide],
         )
 
     def write(spec: TileSpec, result: TileResult) -> None:
