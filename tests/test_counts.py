@@ -75,3 +75,11 @@ def test_a_tile_sample_without_core_tissue_is_refused(tile_sample: pd.DataFrame)
         count_cells(
             tile_sample.iloc[:0], tile_sample.drop(columns="core_tissue_fraction"), META, GROUPS, ["mk"]
         )
+
+
+def test_failed_tiles_count_no_area_and_are_reported_per_slide(tile_sample: pd.DataFrame) -> None:
+    cells = pd.DataFrame({"slide": ["a", "b"], "cell_type": ["mk", "mk"]})
+    counts = count_cells(cells, tile_sample, META, GROUPS, ["mk"], failed_tiles=["b_s0_r000_c000"])
+    by_slide = counts.set_index("slide")
+    assert by_slide.loc["b", "n_failed_tiles"] == 1 and by_slide.loc["a", "n_failed_tiles"] == 0
+    assert by_slide.loc["b", "sampled_tissue_mm2"] == 0.0 and pd.isna(by_slide.loc["b", "density_per_mm2"])

@@ -240,3 +240,17 @@ def test_engine_and_reader_code_are_part_of_the_fingerprint() -> None:
     described = dict(fingerprint._module_sources("mk_hspc.engine.tile_work"))
     assert {"mk_hspc.engine.tile_work", "mk_hspc.tile_store"} <= set(described)
     assert "mk_hspc.czi.native" in dict(fingerprint._module_sources("mk_hspc.czi.reader"))
+
+
+def test_with_skip_bad_slides_failed_tiles_are_left_out_and_the_store_completes(tmp_path: Path, study) -> None:
+    rgb, sample = study
+    bad_x = int(sample["x"].iloc[3])
+    bad_tiles = sorted(sample.loc[sample["x"] == bad_x, "tile_id"])
+    plan = plan_for(sample, {"slide_a": lambda: FlakySlide(rgb, bad_x)})
+    plan.skip_failed_tiles = True
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    dataset.save(plan)
+    store = dataset.load()
+    assert sorted(store.failed_tiles) == bad_tiles
+    assert sorted(store.tiles) == sorted(set(sample["tile_id"]) - set(bad_tiles))
+    assert [f["tile_id"] for f in read_failures(tmp_path / "store")] == bad_tiles

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -19,6 +19,7 @@ def count_cells(
     slide_meta: Mapping[str, Mapping[str, Any]],
     slide_groups: pd.DataFrame,
     cell_types: Sequence[str],
+    failed_tiles: Iterable[str] = (),
 ) -> pd.DataFrame:
     """One row per slide and configured cell type: count, sampled tissue area (mm²) and density (cells / mm²).
 
@@ -33,12 +34,19 @@ def count_cells(
         slide_meta: ``slide -> metadata`` with ``pixel_size_um``; the slides to report.
         slide_groups: one row per slide (``slide``, ``group``), from the validated slide sheet.
         cell_types: the configured cell types (e.g. the segmenters' keys).
+        failed_tiles: sampled tiles that could not be segmented (left out with ``skip_bad_slides``): their
+            area is not counted, and each slide's number of them is reported in ``n_failed_tiles``.
     """
     if "core_tissue_fraction" not in tile_sample.columns:
         raise ValueError(
             "tile_sample has no core_tissue_fraction column (made by an older version); rerun ingestion"
         )
     slides = sorted(slide_meta)
+    failed = tile_sample["tile_id"].astype(str).isin(set(failed_tiles))
+    n_failed = (
+        failed.groupby(tile_sample["slide"].astype(str)).sum().reindex(slides, fill_value=0).astype("int64")
+    )
+    tile_sample = tile_sample[~failed]
     px_um = pd.Series({name: float(slide_meta[name]["pixel_size_um"]) for name in slides}, dtype=float)
     pixel_area_mm2 = tile_sample["slide"].astype(str).map(px_um).astype(float) ** 2 / 1e6
     tissue_mm2 = (
@@ -66,7 +74,10 @@ def count_cells(
     if ungrouped:
         raise ValueError(f"slide_groups has no group for slide(s) {ungrouped}; rerun ingestion")
     table["group"] = table["slide"].map(groups)
-    return table[["slide", "group", "cell_type", "n_cells", "sampled_tissue_mm2", "density_per_mm2"]]
+    table["n_failed_tiles"] = table["slide"].map(n_failed).astype("int64")
+    return table[
+        ["slide", "group", "cell_type", "n_cells", "sampled_tissue_mm2", "density_per_mm2", "n_failed_tiles"]
+    ]
 
 
 def cell_counts_figure(counts: pd.DataFrame) -> Figure:

@@ -10,6 +10,7 @@ and cannot be loaded; a tile file changed or removed since is refused at load.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.failpoints import failpoint
 from mk_hspc.tile_store import TileResult, read_tile_result, tile_path
+
+logger = logging.getLogger(__name__)
 
 FAILURES_NAME = "failures.json"
 
@@ -49,6 +52,10 @@ class TileStore:
         self.params_hash: str = manifest["params_hash"]
         self.tiles: dict[str, str] = dict(manifest["tiles"])  # tile_id -> slide
         self.summary: dict[str, Any] = manifest.get("summary", {})
+        # tile_id -> slide of sampled tiles that failed and were left out (skip_bad_slides)
+        self.failed_tiles: dict[str, str] = {
+            f["tile_id"]: f["slide"] for f in manifest.get("failed_tiles", [])
+        }
 
     def read(
         self, tile_id: str, *, include_labels: bool = True, feature_names: Iterable[str] | None = None
@@ -87,18 +94,21 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
         summary = data.run(self._path)
         failures_file = self._path / FAILURES_NAME
         write_json_atomic(failures_file, summary.failed_tiles)
-        if summary.failed_tiles:
+        if summary.failed_tiles and not data.skip_failed_tiles:
             raise TileFailuresError(summary.failed_tiles, failures_file)
-        failpoint("tile_store:before_manifest")
-        tiles = dict(
-            sorted(
-                zip(
-                    data.tile_sample["tile_id"].astype(str),
-                    data.tile_sample["slide"].astype(str),
-                    strict=True,
-                )
+        if summary.failed_tiles:
+            logger.warning(
+                "%d tile(s) failed and are left out (skip_bad_slides), slides %s; details in %s",
+                len(summary.failed_tiles),
+                sorted({f["slide"] for f in summary.failed_tiles}),
+                failures_file,
             )
+        failpoint("tile_store:before_manifest")
+        failed = {f["tile_id"] for f in summary.failed_tiles}
+        sampled = zip(
+            data.tile_sample["tile_id"].astype(str), data.tile_sample["slide"].astype(str), strict=True
         )
+        tiles = dict(sorted((tile_id, slide) for tile_id, slide in sampled if tile_id not in failed))
         write_json_atomic(
             manifest_path(self._path),
             {
@@ -107,6 +117,7 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
                 "digest": self._digest(summary.params_hash, tiles),
                 "lineage": dict(sorted(self.lineage.items())),
                 "summary": summary.to_dict(),
+                "failed_tiles": summary.failed_tiles,
                 "written_at_unix_s": round(time.time(), 3),
             },
         )

@@ -35,6 +35,8 @@ class SegmentationPlan:
         feature_extractors: run on the kept cells.
         settings: threads, queue bounds, progress.
         params: configuration folded into the parameters hash.
+        skip_failed_tiles: a store whose failed tiles (bad slides, corrupt regions) are recorded and left out
+            still counts as complete (``ingestion.skip_bad_slides``); otherwise failures end the run.
     """
 
     tile_sample: pd.DataFrame
@@ -43,6 +45,7 @@ class SegmentationPlan:
     feature_extractors: Sequence[FeatureExtractor] = ()
     settings: SegmentationSettings = field(default_factory=SegmentationSettings)
     params: Mapping[str, Any] = field(default_factory=dict)
+    skip_failed_tiles: bool = False
 
     def run(self, store_dir: Path) -> RunSummary:
         """Segment every tile not already done; a slide or tile that fails is recorded, the rest goes on.

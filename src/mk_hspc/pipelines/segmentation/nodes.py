@@ -70,6 +70,7 @@ def segment_sampled_tiles(
         feature_extractors=extractors,
         settings=SegmentationSettings(**segmentation.get("runtime", {})),
         params=chosen_plugin_conf(segmentation),
+        skip_failed_tiles=bool(ingestion["skip_bad_slides"]),
     )
 
 
@@ -86,22 +87,32 @@ def chosen_plugin_conf(segmentation: Mapping[str, Any]) -> dict[str, Any]:
 
 def make_cells_table(tile_store: TileStore, tile_sample: pd.DataFrame) -> pd.DataFrame:
     """One row per kept cell of the sampled tiles, with stable cell ids and morphology."""
-    missing = sorted(set(tile_sample["tile_id"].astype(str)) - set(tile_store.tiles))
+    missing = sorted(
+        set(tile_sample["tile_id"].astype(str)) - set(tile_store.tiles) - set(tile_store.failed_tiles)
+    )
     if missing:
         raise ValueError(
             f"the tile store {tile_store.root} lacks {len(missing)} sampled tile(s), e.g. {missing[:3]}; "
             "run segmentation again"
         )
-    return build_cells_table(tile_store.root, tile_sample, params_hash=tile_store.params_hash)
+    segmented = tile_sample[tile_sample["tile_id"].astype(str).isin(tile_store.tiles)]
+    return build_cells_table(tile_store.root, segmented, params_hash=tile_store.params_hash)
 
 
 def summarise_cell_counts(
     cells: pd.DataFrame,
+    tile_store: TileStore,
     tile_sample: pd.DataFrame,
     slide_meta: dict[str, dict[str, Any]],
     slide_groups: pd.DataFrame,
-    segmentation: dict[str, Any],
+    segmenters: dict[str, Any],
 ) -> tuple[pd.DataFrame, Figure]:
-    """Cells per slide and group, with densities per mm² of sampled tissue, and their plot."""
-    counts = count_cells(cells, tile_sample, slide_meta, slide_groups, sorted(segmentation["segmenters"]))
+    """Cells per slide and group, with densities per mm² of sampled tissue, and their plot.
+
+    Takes only the segmenters' block (for the cell types), so that a runtime setting changed since the cells
+    were made (threads, progress bar) does not make the provenance check refuse the counts.
+    """
+    counts = count_cells(
+        cells, tile_sample, slide_meta, slide_groups, sorted(segmenters), failed_tiles=tile_store.failed_tiles
+    )
     return counts, cell_counts_figure(counts)

@@ -22,7 +22,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.summarise_cell_counts,
-                ["cells", "tile_sample", "slide_meta", "slide_groups", "params:segmentation"],
+                [
+                    "cells",
+                    "tile_store",
+                    "tile_sample",
+                    "slide_meta",
+                    "slide_groups",
+                    "params:segmentation.segmenters",
+                ],
                 ["cell_counts", "cell_counts_plot"],
                 name="summarise_cell_counts",
             ),
