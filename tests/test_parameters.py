@@ -140,7 +140,6 @@ def test_the_projects_own_parameters_are_valid(env: str) -> None:
         ("ingestion.sampling.fraction", 1.5, "input should be less than or equal to 1, got 1.5"),
         ("ingestion.skip_bad_slides", "yes", "input should be a valid boolean, got 'yes'"),
         ("ingestion.plausible_pixel_size_um", [2.0, 0.05], "should be [low, high] with low < high"),
-        ("ingestion.pixel_size_um_by_slide", {"slide_01": -0.25}, None),
         ("segmentation.device", "gpu", "should be auto, cpu, cuda or cuda:N, got 'gpu'"),
         ("segmentation.runtime.reader_threads", 0, "input should be greater than or equal to 1, got 0"),
         ("demo.spec", "tiny", "input should be 'default' or 'small', got 'tiny'"),
@@ -189,16 +188,12 @@ def test_every_problem_is_reported_at_once_plugins_included() -> None:
     ]
 
 
-def test_keys_being_added_and_removed_in_ingestion_are_accepted() -> None:
-    params = load_parameters()
-    params["ingestion"].pop("slide_sheet", None)
-    params["ingestion"] |= {
-        "slide_sheet_strict": False,
-        "plausible_pixel_size_um": [0.1, 1.0],
-        "pixel_size_um_by_slide": {"slide_01": 0.25},
-        "pixel_size_um_override": 0.1725,
-    }
-    validate_parameters(params)
+def test_pixel_sizes_are_refused_as_parameters_because_only_globals_are_read() -> None:
+    # Accepted but ignored, they would look like a correction that never happens.
+    for key in ("pixel_size_um_override", "pixel_size_um_by_slide"):
+        params = load_parameters()
+        params["ingestion"][key] = 0.25 if key == "pixel_size_um_override" else {"slide_01": 0.25}
+        assert [p.partition(": ")[0] for p in problems_of(params)] == [f"ingestion.{key}"]
 
 
 def test_kedro_run_with_a_bad_value_stops_before_any_node(tmp_path: Path) -> None:

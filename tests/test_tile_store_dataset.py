@@ -242,7 +242,9 @@ def test_engine_and_reader_code_are_part_of_the_fingerprint() -> None:
     assert "mk_hspc.czi.native" in dict(fingerprint._module_sources("mk_hspc.czi.reader"))
 
 
-def test_with_skip_bad_slides_failed_tiles_are_left_out_and_the_store_completes(tmp_path: Path, study) -> None:
+def test_with_skip_bad_slides_failed_tiles_are_left_out_and_the_store_completes(
+    tmp_path: Path, study
+) -> None:
     rgb, sample = study
     bad_x = int(sample["x"].iloc[3])
     bad_tiles = sorted(sample.loc[sample["x"] == bad_x, "tile_id"])

@@ -23,6 +23,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from kedro.framework.hooks import hook_impl
 
+from mk_hspc.atomic_io import write_json_atomic
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.params_schema import validate_parameters
 
@@ -152,7 +153,7 @@ class RunLockHooks:
             "started_unix_s": round(time.time(), 3),
             "command": " ".join(sys.argv),
         }
-        holder_path.write_text(json.dumps(holder))
+        write_json_atomic(holder_path, holder, fsync=False)
 
     @hook_impl
     def after_pipeline_run(self) -> None:

@@ -97,12 +97,12 @@ class Sampling(_Block):
 
 class Ingestion(_Block):
     slides_dir: str
-    pixel_size_um_override: PositiveFloat | None = None
     skip_bad_slides: bool
-    # Being replaced by the slide sheet handling below; accepted until conf/base drops it.
+    # True: a missing sheet, unknown slides in it or slides without a group stop the run; False: named warning.
     slide_sheet_strict: bool = True
-    plausible_pixel_size_um: list[PositiveFloat] = Field([0.05, 2.0], min_length=2, max_length=2)
-    pixel_size_um_by_slide: dict[str, PositiveFloat] = {}
+    # Pixel sizes themselves (pixel_size_um_override, pixel_size_um_by_slide) live in globals.yml: the slide
+    # folder dataset reads them there, so they are not parameters.
+    plausible_pixel_size_um: list[PositiveFloat] = Field([0.05, 6.0], min_length=2, max_length=2)
     tissue: Tissue
     tiles: Tiles
     sampling: Sampling

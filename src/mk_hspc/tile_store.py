@@ -36,6 +36,7 @@ import hdf5plugin
 import numpy as np
 import pandas as pd
 
+from mk_hspc.atomic_io import fsync_path
 from mk_hspc.failpoints import failpoint
 
 logger = logging.getLogger(__name__)
@@ -182,10 +183,10 @@ def write_tile_result(
         _write_file(tmp, result, label_chunk_px)
         failpoint("tile:written")
         if fsync:
-            _fsync_path(tmp)
+            fsync_path(tmp)
         os.replace(tmp, final)
         if fsync:
-            _fsync_path(final.parent)
+            fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -317,16 +318,3 @@ def _read_column(dataset: h5py.Dataset) -> np.ndarray | pd.api.extensions.Extens
     if h5py.check_string_dtype(dataset.dtype) is not None:
         return pd.array(dataset.asstr()[()].astype(object), dtype="str")
     return dataset[()]
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder fsync makes a rename durable); no-op where it cannot be opened."""
-    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,25 +16,27 @@ Why not a library: fsspec and kedro-datasets write in place; no Kedro plugin pro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import parse_dataset_definition
 
+from mk_hspc.atomic_io import (
+    fsync_tree,
+    remove_leftovers,
+    remove_path,
+    replace_path,
+    temporary_sibling,
+    write_json_atomic,
+)
 from mk_hspc.failpoints import failpoint
 
 MANIFEST_SUFFIX = ".manifest.json"
-_TMP_MARK = ".tmp-"
-_OLD_MARK = ".old-"
 
 
 class StaleOutputError(DatasetError):
@@ -62,64 +64,6 @@ def _update_with_file(sha: Any, file: Path) -> None:
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             sha.update(block)
-
-
-def fsync_tree(path: Path) -> None:
-    """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    for file in files:
-        _fsync(file, os.O_RDONLY)
-    folders = {file.parent for file in files} | ({path} if path.is_dir() else set())
-    for folder in folders:
-        _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _fsync(path: Path, flags: int) -> None:
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary sibling and a rename (durable before it is visible)."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def replace_path(tmp: Path, final: Path) -> None:
-    """Move a finished temporary file or folder over ``final`` (a folder is swapped through a side name)."""
-    if tmp.is_dir() and final.exists():
-        old = final.with_name(f".{final.name}{_OLD_MARK}{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)  # a crash between these two renames leaves no final: missing, never mixed
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(final.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def remove_leftovers(final: Path) -> None:
-    """Delete temporary and swapped-out siblings of ``final`` left by killed runs (called under the run lock)."""
-    for pattern in (f".{final.name}{_TMP_MARK}*", f".{final.name}{_OLD_MARK}*"):
-        for leftover in final.parent.glob(pattern):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
 
 
 def _stamp(path: Path) -> tuple:
@@ -150,7 +94,21 @@ def read_manifest(final: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-class AtomicDataset(AbstractDataset[Any, Any]):
+class VerifiedOutput:
+    """An output that exists for Kedro only when it matches its manifest (``--only-missing-outputs``)."""
+
+    def verified_manifest(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _exists(self) -> bool:
+        try:
+            self.verified_manifest()
+        except StaleOutputError:
+            return False
+        return True
+
+
+class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
     """Any file or folder dataset, written atomically and loaded only when it matches its manifest.
 
     Args:
@@ -188,7 +146,7 @@ class AtomicDataset(AbstractDataset[Any, Any]):
         final = self._filepath
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(final)
-        tmp = final.with_name(f".{final.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+        tmp = temporary_sibling(final)
         try:
             self._inner(tmp).save(data)
             failpoint(f"atomic:{final.name}:written")
@@ -208,11 +166,7 @@ class AtomicDataset(AbstractDataset[Any, Any]):
             failpoint(f"atomic:{final.name}:manifest")
             replace_path(tmp, final)
         except BaseException:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            remove_path(tmp)
             raise
 
     def verified_manifest(self) -> dict[str, Any]:
@@ -244,13 +198,6 @@ class AtomicDataset(AbstractDataset[Any, Any]):
     def load(self) -> Any:
         self.verified_manifest()
         return self._inner(self._filepath).load()
-
-    def _exists(self) -> bool:
-        try:
-            self.verified_manifest()
-        except StaleOutputError:
-            return False
-        return True
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "dataset": self._config.get("type")}

@@ -18,7 +18,8 @@ from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from mk_hspc.datasets.atomic import StaleOutputError, manifest_path, read_manifest, write_json_atomic
+from mk_hspc.atomic_io import write_json_atomic
+from mk_hspc.datasets.atomic import StaleOutputError, VerifiedOutput, manifest_path, read_manifest
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.failpoints import failpoint
@@ -75,7 +76,7 @@ class TileStore:
         return f"TileStore({str(self.root)!r}, {len(self.tiles)} tiles, params {self.params_hash})"
 
 
-class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
+class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileStore]):
     """Folder of per-tile HDF5 files (``<path>/<slide>/<tile_id>.h5``) plus its manifest.
 
     Args:
@@ -155,13 +156,6 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
 
     def load(self) -> TileStore:
         return TileStore(self._path, self.verified_manifest())
-
-    def _exists(self) -> bool:
-        try:
-            self.verified_manifest()
-        except StaleOutputError:
-            return False
-        return True
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from mk_hspc.atomic_io import write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 _NOT_PLAIN = object()
@@ -116,9 +118,7 @@ def _write_cache(path: Path, data: dict[str, str]) -> None:
     """Best effort (a read-only home only costs re-hashing); atomic so a crash never leaves bad JSON."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_json_atomic(path, data, fsync=False)
     except OSError as exc:
         logger.debug("Could not write the digest cache %s: %s", path, exc)
 

@@ -1,0 +1,96 @@
+"""Durable, atomic file writes without Kedro: temporary siblings, fsync, rename, and their clean-up.
+
+One mechanism for every file the project writes (catalog outputs through ``datasets.atomic``, tile files,
+manifests, the digest cache, the run-lock holder): a reader sees the old content or the complete new one,
+never a partial file, and a crash leaves at most a hidden temporary sibling that the next write removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
+
+
+def temporary_sibling(final: Path) -> Path:
+    """A hidden, unique name beside ``final`` that keeps its suffix (datasets infer formats from it)."""
+    return final.with_name(f".{final.stem}{TMP_MARK}{uuid.uuid4().hex[:8]}{final.suffix}")
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder fsync makes a rename durable); no-op where it cannot be opened."""
+    flags = (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    for file in files:
+        fsync_path(file)
+    for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
+        fsync_path(folder)
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:
+    """Write bytes through a temporary sibling and a rename (durable before visible when ``fsync``)."""
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            fsync_path(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: Path, payload: Any, *, fsync: bool = True) -> None:
+    """Write JSON through a temporary sibling and a rename."""
+    write_bytes_atomic(path, json.dumps(payload, indent=1, sort_keys=True).encode(), fsync=fsync)
+
+
+def replace_path(tmp: Path, final: Path) -> None:
+    """Move a finished temporary file or folder over ``final`` (a folder is swapped through a side name)."""
+    if tmp.is_dir() and final.exists():
+        old = final.with_name(f".{final.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)  # a crash between these two renames leaves no final: missing, never mixed
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_path(final.parent)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder, ignoring one that is already gone."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(final: Path) -> None:
+    """Delete temporary and swapped-out siblings of ``final`` left by killed runs (called under the run lock)."""
+    for pattern in (f".{final.stem}{TMP_MARK}*{final.suffix}", f".{final.name}{OLD_MARK}*"):
+        for leftover in final.parent.glob(pattern):
+            remove_path(leftover)
