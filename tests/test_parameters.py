@@ -214,3 +214,11 @@ def test_only_the_chosen_plugins_conf_enters_the_tile_fingerprint() -> None:
     assert chosen_plugin_conf(segmentation) == before
     segmentation["segmenters"]["mk"]["params"]["classical"]["max_area_um2"] = 1500.0
     assert chosen_plugin_conf(segmentation) != before
+
+
+def test_a_cell_type_with_an_underscore_is_refused_before_any_node() -> None:
+    params = load_parameters()
+    params["segmentation"]["segmenters"]["mk_big"] = params["segmentation"]["segmenters"].pop("mk")
+    assert any(p.startswith("segmentation.segmenters") and "mk_big" in p for p in problems_of(params)), (
+        problems_of(params)
+    )

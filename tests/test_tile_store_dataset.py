@@ -256,3 +256,23 @@ def test_with_skip_bad_slides_failed_tiles_are_left_out_and_the_store_completes(
     assert sorted(store.failed_tiles) == bad_tiles
     assert sorted(store.tiles) == sorted(set(sample["tile_id"]) - set(bad_tiles))
     assert [f["tile_id"] for f in read_failures(tmp_path / "store")] == bad_tiles
+
+
+def test_a_store_being_written_by_another_run_is_refused(tmp_path: Path, study) -> None:
+    from filelock import FileLock
+    from kedro.io import DatasetError
+
+    from mk_hspc.datasets.tile_store import STORE_LOCK_NAME
+
+    rgb, sample = study
+    (tmp_path / "store").mkdir()
+    other_run = FileLock(tmp_path / "store" / STORE_LOCK_NAME)  # e.g. another project sharing the store
+    other_run.acquire()
+    try:
+        with pytest.raises(DatasetError, match="being written by another run"):
+            TileStoreDataset(str(tmp_path / "store")).save(
+                plan_for(sample, {"slide_a": lambda: ArraySlide(rgb)})
+            )
+    finally:
+        other_run.release()
+    assert not list((tmp_path / "store").glob("*/*.h5"))

@@ -148,6 +148,14 @@ class Segmentation(_Block):
     features: dict[str, FeatureChoice] = {}
     runtime: Runtime = Runtime()
 
+    @field_validator("segmenters")
+    @classmethod
+    def _cell_type_names(cls, segmenters: dict[str, Any]) -> dict[str, Any]:
+        bad = [name for name in segmenters if not name.isidentifier() or "_" in name]
+        if bad:
+            raise ValueError(f"cell types {bad} must be letters and digits only (cell ids are split on '_')")
+        return segmenters
+
     @field_validator("device")
     @classmethod
     def _device(cls, device: str) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from kedro.io import AbstractDataset, DatasetError
 
 from mk_hspc.atomic_io import write_json_atomic
@@ -28,6 +29,7 @@ from mk_hspc.tile_store import TileResult, read_tile_result, tile_path
 logger = logging.getLogger(__name__)
 
 FAILURES_NAME = "failures.json"
+STORE_LOCK_NAME = ".mk_hspc_store.lock"
 
 
 class TileFailuresError(DatasetError):
@@ -90,8 +92,23 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
         self.lineage: dict[str, str] = {}  # set by ProvenanceHooks just before a save
 
     def save(self, data: SegmentationPlan) -> None:
-        manifest_path(self._path).unlink(missing_ok=True)  # incomplete until this run has finished
         self._path.mkdir(parents=True, exist_ok=True)
+        # The project's run lock covers data/; a store configured elsewhere (a shared disk) gets its own, so
+        # two projects never write into, or clean the temporary files of, one store at once.
+        store_lock = FileLock(self._path / STORE_LOCK_NAME, timeout=0)
+        try:
+            store_lock.acquire()
+        except Timeout:
+            raise DatasetError(
+                f"tile store {self._path} is being written by another run; wait for it to finish"
+            ) from None
+        try:
+            self._save_locked(data)
+        finally:
+            store_lock.release()
+
+    def _save_locked(self, data: SegmentationPlan) -> None:
+        manifest_path(self._path).unlink(missing_ok=True)  # incomplete until this run has finished
         summary = data.run(self._path)
         failures_file = self._path / FAILURES_NAME
         write_json_atomic(failures_file, summary.failed_tiles)
