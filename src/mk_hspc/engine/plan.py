@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from mk_hspc.engine.dask_executor import DaskRun
 from mk_hspc.engine.tile_work import RunSummary, SegmentationSettings, SlideLike, segment_tiles
 from mk_hspc.models.base import FeatureExtractor, Segmenter
 
@@ -35,6 +36,7 @@ class SegmentationPlan:
         feature_extractors: run on the kept cells.
         settings: threads, queue bounds, progress.
         params: configuration folded into the parameters hash.
+        dask: run the tiles on a Dask cluster instead of this process's threads (same results).
     """
 
     tile_sample: pd.DataFrame
@@ -43,6 +45,7 @@ class SegmentationPlan:
     feature_extractors: Sequence[FeatureExtractor] = ()
     settings: SegmentationSettings = field(default_factory=SegmentationSettings)
     params: Mapping[str, Any] = field(default_factory=dict)
+    dask: DaskRun | None = None
 
     def run(self, store_dir: Path) -> RunSummary:
         """Segment every tile not already done; a slide or tile that fails is recorded, the rest goes on.
@@ -77,6 +80,7 @@ class SegmentationPlan:
                 self.settings,
                 params=self.params,
                 isolate_failures=True,
+                dask=self.dask,
             )
         if unopened:
             not_opened = self.tile_sample[self.tile_sample["slide"].astype(str).isin(unopened)]
