@@ -192,22 +192,19 @@ def test_a_killed_worker_s_tile_is_redone_elsewhere_and_every_tile_is_stored_onc
 
 
 def test_a_tile_that_kills_every_worker_is_recorded_failed_and_the_run_ends(
-    study: Study, tmp_path: Path
+    study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every worker dies on its first write: Dask gives the tiles up (allowed_failures) instead of hanging."""
     store = tmp_path / "tile_store"
-    os.environ[FAILPOINT_ENV] = "tile:written"  # inherited by the worker processes, not used by this one
-    try:
-        plan = segment_sampled_tiles(
-            study.tile_sample.iloc[:1],
-            {n: lambda p=p: open_slide(p) for n, p in study.slides.items()},
-            segmentation_params(study, allowed_failures=1, retries=0),
-            study.params["ingestion"],
-        )
-        with pytest.raises(TileFailuresError, match=r"2 tile\(s\) failed"):
-            TileStoreDataset(str(store)).save(plan)
-    finally:
-        del os.environ[FAILPOINT_ENV]
+    monkeypatch.setenv(FAILPOINT_ENV, "tile:written")  # inherited by the worker processes; unused here
+    plan = segment_sampled_tiles(
+        study.tile_sample.iloc[:1],
+        {n: lambda p=p: open_slide(p) for n, p in study.slides.items()},
+        segmentation_params(study, allowed_failures=1, retries=0),
+        study.params["ingestion"],
+    )
+    with pytest.raises(TileFailuresError, match=r"1 tile\(s\) failed"):
+        TileStoreDataset(str(store)).save(plan)
     failures = read_failures(store)
     assert [f["stage"] for f in failures] == ["worker"]
     assert "died" in failures[0]["error"]
@@ -271,3 +268,17 @@ def test_the_slurm_and_gpu_envs_are_valid() -> None:
     validate_parameters(load_parameters(env="slurm"))
     with_dask = with_value(load_parameters(env="gpu"), "segmentation.executor.kind", "dask")
     validate_parameters(with_dask)
+
+
+def test_an_unreachable_scheduler_stops_the_run_at_once_naming_it(study: Study, tmp_path: Path) -> None:
+    segmentation = segmentation_params(
+        study, cluster="address", address="tcp://127.0.0.1:9", startup_timeout_s=2.0
+    )
+    plan = segment_sampled_tiles(
+        study.tile_sample,
+        {n: lambda p=p: open_slide(p) for n, p in study.slides.items()},
+        segmentation,
+        study.params["ingestion"],
+    )
+    with pytest.raises(Exception, match=r"cannot reach the scheduler at tcp://127\.0\.0\.1:9"):
+        TileStoreDataset(str(tmp_path / "store")).save(plan)

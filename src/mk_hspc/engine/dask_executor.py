@@ -41,6 +41,7 @@ from typing import Any
 from distributed import WorkerPlugin
 from tqdm.auto import tqdm
 
+from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.prefetch import StageError, release_free_heap
 from mk_hspc.models.registry import plugin_class
 
@@ -219,6 +220,12 @@ class _WorkerState:
                 "project's data on a shared filesystem at the same path"
             )
         segmentation = _with_worker_device(job.segmentation)
+        cache_key = (job.params_hash, digest(segmentation, length=32))
+        with _PLUGIN_CACHE_LOCK:
+            cached = _PLUGIN_CACHE.get(cache_key)
+        if cached is not None:  # a later run with the same plugins in this worker: models stay loaded
+            self.segmenters, self.extractors = cached
+            return
         segmenters, extractors = build_plugins(segmentation)
         params_hash = compute_params_hash(segmenters, extractors, job.fingerprint_params)
         if params_hash != job.params_hash:
@@ -228,6 +235,9 @@ class _WorkerState:
                 "install the same environment on every worker"
             )
         self.segmenters, self.extractors = segmenters, extractors
+        with _PLUGIN_CACHE_LOCK:  # one set of models per worker: a new fingerprint replaces the old one
+            _PLUGIN_CACHE.clear()
+            _PLUGIN_CACHE[cache_key] = (segmenters, extractors)
 
     def tile_written(self) -> None:
         every = self.job.release_memory_every_tiles
@@ -247,6 +257,9 @@ class _WorkerState:
 
 _STATES: dict[str, _WorkerState] = {}
 _STATES_LOCK = threading.Lock()
+# Plugins built in this worker process, keyed by run fingerprint and conf (device included).
+_PLUGIN_CACHE: dict[tuple[str, str], tuple[Mapping[str, Any], Sequence[Any]]] = {}
+_PLUGIN_CACHE_LOCK = threading.Lock()
 
 
 def _worker_name() -> str:
@@ -319,6 +332,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
     state.ensure_built()
     job = state.job
     timings: dict[str, float] = {}
+    cpu_started = time.thread_time()
 
     started = time.perf_counter()
     try:
@@ -358,9 +372,25 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
         "tile_id": spec.tile_id,
         "cells": cells,
         "busy_s": timings,
+        "cpu_s": time.thread_time() - cpu_started,  # this tile's CPU time, whatever else runs on the machine
         "worker": _worker_name(),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # KiB on Linux
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB (``VmHWM``).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries it over a fork + exec, so a worker spawned by a large
+    driver would report the driver's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
 
 
 # ---------------------------------------------------------------------------------------------- cluster
@@ -539,6 +569,7 @@ def _drive(
     totals: Counter[str] = Counter()
     busy_s: Counter[str] = Counter()
     peak_rss_mib: dict[str, float] = {}
+    cpu_s = 0.0
     queue = iter(todo)
     pending: dict[Any, Any] = {}  # future -> spec
     exhausted = False
@@ -583,6 +614,7 @@ def _drive(
                     outcome.n_done += 1
                     totals.update(result["cells"])
                     busy_s.update(result["busy_s"])
+                    cpu_s += result["cpu_s"]
                     peak_rss_mib[result["worker"]] = max(
                         peak_rss_mib.get(result["worker"], 0.0), result["peak_rss_mib"]
                     )
@@ -607,6 +639,7 @@ def _drive(
     outcome.info = {
         "kind": "dask",
         "workers_seen": len(peak_rss_mib),
+        "tile_cpu_s": round(cpu_s, 3),
         "peak_rss_mib_per_worker": {name: round(rss, 1) for name, rss in sorted(peak_rss_mib.items())},
     }
     if failure is not None:
@@ -670,3 +703,31 @@ def _record_stall(
             {"tile_id": spec.tile_id, "slide": spec.slide, "stage": "timeout", "error": reason}
         )
         bar.update(1)
+
+
+def print_slurm_job_script(conf_dir: str = "conf", env: str = "slurm") -> str:
+    """The SLURM job script ``kedro run --env <env>`` would submit, built from the conf, submitting nothing.
+
+    ``python -m mk_hspc.engine.dask_executor [ENV]`` prints it (run in the project folder).
+    """
+    from kedro.config import OmegaConfigLoader
+
+    from mk_hspc.settings import CONFIG_LOADER_ARGS
+
+    loader = OmegaConfigLoader(conf_dir, **{**CONFIG_LOADER_ARGS, "default_run_env": env})
+    executor = loader["parameters"]["segmentation"].get("executor") or {}
+    settings = DaskSettings.from_params(executor.get("dask"))
+    if settings.cluster != "slurm":
+        raise SystemExit(
+            f"conf env {env!r}: segmentation.executor.dask.cluster is {settings.cluster!r}, not slurm"
+        )
+    with slurm_cluster(settings) as cluster:
+        script = cluster.job_script()
+    print(script)
+    return script
+
+
+if __name__ == "__main__":
+    import sys
+
+    print_slurm_job_script(env=sys.argv[1] if len(sys.argv) > 1 else "slurm")
