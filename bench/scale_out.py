@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="demo slides are written here (temp)")
     parser.add_argument("--n-slides", type=int, default=2)
     parser.add_argument("--tiles-per-slide", type=int, default=6, help="full 3000 px windows per slide")
+    parser.add_argument(
+        "--resummarise", action="store_true", help="recompute --output's numbers from its runs"
+    )
     return parser.parse_args(argv)
 
 
@@ -132,10 +135,80 @@ def dask_runs(sample, warmup, slides, work: Path, segmentation, n_workers: int) 
     return timed
 
 
+def summarise(
+    results: dict[str, Any], n: int, n_slides: int, demo_s: float, started: float
+) -> dict[str, Any]:
+    """The headline numbers from the runs (also used by ``--resummarise`` on a saved result)."""
+    one, two = results["classical_dask_1"], results["classical_dask_2"]
+    noop_local, noop_dask = results["noop_local"], results["noop_dask_1"]
+    s_per_tile_1 = one["elapsed_s"] / n
+    speedup = two["tiles_per_s"] / one["tiles_per_s"]
+    efficiency = speedup / 2
+    cpu_per_tile = one["executor"]["tile_cpu_s"] / n
+    hours = STUDY_TILES * s_per_tile_1 / (WORKSTATION_CORES * min(1.0, efficiency)) / 3600
+    hours_cpu = STUDY_TILES * cpu_per_tile / WORKSTATION_CORES / 3600
+    # The one worker's idle time between its tiles: what the scheduler itself costs per tile.
+    scheduling_s = (noop_dask["elapsed_s"] - sum(noop_dask["busy_s"].values())) / n
+    peak_rss = {
+        f"{runs}: {worker}": rss
+        for runs in ("classical_dask_1", "classical_dask_2")
+        for worker, rss in results[runs]["executor"]["peak_rss_mib_per_worker"].items()
+    }
+    return {
+        "tiles_per_s_1_worker": round(one["tiles_per_s"], 4),
+        "tiles_per_s_2_workers": round(two["tiles_per_s"], 4),
+        "speedup_2_workers": round(speedup, 3),
+        "goal_speedup_2_workers": 1.7,
+        "classical_local_tiles_per_s": round(results["classical_local"]["tiles_per_s"], 4),
+        "overhead_per_tile_s": round((noop_dask["elapsed_s"] - noop_local["elapsed_s"]) / n, 4),
+        "scheduling_overhead_per_tile_s": round(scheduling_s, 4),
+        "noop_s_per_tile": {
+            "local": round(noop_local["elapsed_s"] / n, 4),
+            "dask_1_worker": round(noop_dask["elapsed_s"] / n, 4),
+            "dask_1_worker_read_write_busy": round(sum(noop_dask["busy_s"].values()) / n, 4),
+        },
+        "classical_cpu_s_per_tile": round(cpu_per_tile, 3),
+        "classical_cpu_s_per_tile_2_workers": round(two["executor"]["tile_cpu_s"] / n, 3),
+        "peak_rss_mib_per_worker": peak_rss,
+        "projection_48_cores": {
+            "tiles": STUDY_TILES,
+            "workers": WORKSTATION_CORES,
+            "hours_from_wall_time": round(hours, 2),
+            "hours_from_cpu_time": round(hours_cpu, 2),
+            "how": "wall: tiles x wall s/tile of one worker / (48 x min(1, measured 2-worker efficiency)), "
+            "inflated by this machine's load; cpu: tiles x CPU s/tile of one worker / 48, i.e. 48 free cores "
+            "and linear scaling (CPU s/tile with 2 workers shows whether workers slow each other down)",
+        },
+        "tiles": n,
+        "tile_px": TILE_PX,
+        "slides": n_slides,
+        "usable_cores": usable_cores(),
+        "runs": results,
+        "demo_generation_s": round(demo_s, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(),
+            "loadavg_end": load(),
+        },
+        "conditions": "shared 2-core development machine under other engineers' load: wall-clock numbers "
+        "(tiles/s, speedup, overhead) need a rerun on a quiet machine; CPU s/tile is load-independent",
+        "bench_wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     bench_started = time.perf_counter()
+    if args.resummarise:  # recompute the headline numbers of a saved result from its runs (no rerun)
+        saved = json.loads(args.output.read_text())
+        out = summarise(
+            saved["runs"], saved["tiles"], saved["slides"], saved["demo_generation_s"], bench_started
+        )
+        out["machine"], out["bench_wall_s"] = saved["machine"], saved["bench_wall_s"]
+        args.output.write_text(json.dumps(out, indent=2) + "\n")
+        return
     segmentation = segmentation_conf()
     ingestion_tiles = OmegaConfigLoader(
         str(REPO / "conf"), **{**CONFIG_LOADER_ARGS, "default_run_env": "base"}
@@ -182,59 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         for slide in slides.values():
             slide.close()
 
-    n = len(sample)
-    one, two = results["classical_dask_1"], results["classical_dask_2"]
-    s_per_tile_1 = one["elapsed_s"] / n
-    speedup = two["tiles_per_s"] / one["tiles_per_s"]
-    efficiency = speedup / 2
-    cpu_per_tile = one["executor"]["tile_cpu_s"] / n
-    hours = STUDY_TILES * s_per_tile_1 / (WORKSTATION_CORES * min(1.0, efficiency)) / 3600
-    hours_cpu = STUDY_TILES * cpu_per_tile / WORKSTATION_CORES / 3600
-    peak_rss = {
-        f"{runs}: {worker}": rss
-        for runs in ("classical_dask_1", "classical_dask_2")
-        for worker, rss in results[runs]["executor"]["peak_rss_mib_per_worker"].items()
-    }
-    out = {
-        "tiles_per_s_1_worker": round(one["tiles_per_s"], 4),
-        "tiles_per_s_2_workers": round(two["tiles_per_s"], 4),
-        "speedup_2_workers": round(speedup, 3),
-        "goal_speedup_2_workers": 1.7,
-        "classical_local_tiles_per_s": round(results["classical_local"]["tiles_per_s"], 4),
-        "overhead_per_tile_s": round(
-            (results["noop_dask_1"]["elapsed_s"] - results["noop_local"]["elapsed_s"]) / n, 4
-        ),
-        "noop_s_per_tile": {
-            "local": round(results["noop_local"]["elapsed_s"] / n, 4),
-            "dask_1_worker": round(results["noop_dask_1"]["elapsed_s"] / n, 4),
-        },
-        "classical_cpu_s_per_tile": round(cpu_per_tile, 3),
-        "classical_cpu_s_per_tile_2_workers": round(two["executor"]["tile_cpu_s"] / n, 3),
-        "peak_rss_mib_per_worker": peak_rss,
-        "projection_48_cores": {
-            "tiles": STUDY_TILES,
-            "workers": WORKSTATION_CORES,
-            "hours_from_wall_time": round(hours, 2),
-            "hours_from_cpu_time": round(hours_cpu, 2),
-            "how": "tiles x s/tile of one worker / (48 x min(1, 2-worker efficiency)); the CPU-time figure "
-            "assumes 48 real cores, no load, and per-tile CPU as measured here",
-        },
-        "tiles": n,
-        "tile_px": TILE_PX,
-        "slides": args.n_slides,
-        "usable_cores": usable_cores(),
-        "runs": results,
-        "demo_generation_s": round(demo_s, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(),
-            "loadavg_end": load(),
-        },
-        "conditions": "shared 2-core development machine under other engineers' load: wall-clock numbers "
-        "(tiles/s, speedup, overhead) need a rerun on a quiet machine; CPU s/tile is load-independent",
-        "bench_wall_s": round(time.perf_counter() - bench_started, 1),
-    }
+    out = summarise(results, len(sample), args.n_slides, demo_s, bench_started)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=2))
