@@ -459,6 +459,22 @@ def slurm_cluster_arguments() -> frozenset[str]:
 
 
 @contextlib.contextmanager
+def _quiet_distributed_logs() -> Iterator[None]:
+    """Dask's own INFO lines (workers starting and closing, comms closed at shutdown, with tracebacks) would
+    bury the run's log; warnings and errors still show. DEBUG (e.g. DASK_LOGGING__DISTRIBUTED=debug) is kept."""
+    loggers = [logging.getLogger(name) for name in ("distributed", "dask_jobqueue")]
+    previous = [log.level for log in loggers]
+    for log in loggers:
+        if log.level in (logging.NOTSET, logging.INFO):  # distributed sets INFO itself on import
+            log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, previous, strict=True):
+            log.setLevel(level)
+
+
+@contextlib.contextmanager
 def dask_client(settings: DaskSettings, segmentation: Mapping[str, Any]) -> Iterator[Any]:
     """A ``distributed.Client`` on the configured cluster, closed (and its cluster with it) on exit.
 
@@ -469,10 +485,13 @@ def dask_client(settings: DaskSettings, segmentation: Mapping[str, Any]) -> Iter
     from distributed import Client, LocalCluster
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_distributed_logs())
         # Read by the schedulers started here (local, slurm); an external scheduler keeps its own.
-        stack.enter_context(
-            dask.config.set({"distributed.scheduler.allowed-failures": settings.allowed_failures})
-        )
+        config: dict[str, Any] = {"distributed.scheduler.allowed-failures": settings.allowed_failures}
+        if "DASK_LOGGING__DISTRIBUTED" not in os.environ:  # local workers log warnings only, like the driver
+            environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+            config["distributed.nanny.pre-spawn-environ"] = environ | {"DASK_LOGGING__DISTRIBUTED": "warning"}
+        stack.enter_context(dask.config.set(config))
         expected = 1
         if settings.cluster == "address":
             where = f"the scheduler at {settings.address}"
