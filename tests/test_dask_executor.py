@@ -24,13 +24,16 @@ from mk_hspc.demo import DemoSpec, make_demo_study
 from mk_hspc.engine.dask_executor import (
     DaskRun,
     DaskSettings,
+    WorkerJob,
+    WorkerSetupError,
+    _WorkerState,
     resolve_n_workers,
     slurm_cluster,
 )
 from mk_hspc.failpoints import ENV_VAR as FAILPOINT_ENV
 from mk_hspc.params_schema import validate_parameters
 from mk_hspc.pipelines.segmentation import create_pipeline
-from mk_hspc.pipelines.segmentation.nodes import segment_sampled_tiles
+from mk_hspc.pipelines.segmentation.nodes import chosen_plugin_conf, segment_sampled_tiles
 from mk_hspc.tile_store import TILE_SUFFIX, TMP_SUFFIX
 from mk_hspc.tiling import build_tile_grid
 from tests.test_parameters import load_parameters, problems_of, with_value
@@ -282,3 +285,47 @@ def test_an_unreachable_scheduler_stops_the_run_at_once_naming_it(study: Study, 
     )
     with pytest.raises(Exception, match=r"cannot reach the scheduler at tcp://127\.0\.0\.1:9"):
         TileStoreDataset(str(tmp_path / "store")).save(plan)
+
+
+# ------------------------------------------------------------------------------- workers (no cluster)
+def worker_job(study: Study, tmp_path: Path, params_hash: str) -> WorkerJob:
+    segmentation = copy.deepcopy(study.params["segmentation"])
+    return WorkerJob(
+        token="t",
+        segmentation=segmentation,
+        fingerprint_params=chosen_plugin_conf(segmentation),
+        params_hash=params_hash,
+        slides={},
+        pixel_sizes_um={},
+        store_dir=str(tmp_path),
+        fsync=False,
+        label_chunk_px=512,
+        release_memory_every_tiles=None,
+    )
+
+
+def test_a_worker_whose_fingerprint_differs_from_the_driver_s_refuses_the_run(
+    study: Study, tmp_path: Path
+) -> None:
+    state = _WorkerState(worker_job(study, tmp_path, params_hash="0123456789abcdef"))
+    with pytest.raises(WorkerSetupError, match="computes the run fingerprint .* the driver 0123456789abcdef"):
+        state.ensure_built()
+    with pytest.raises(WorkerSetupError, match="computes the run fingerprint"):  # every later tile too
+        state.ensure_built()
+    missing_store = worker_job(study, tmp_path / "elsewhere", params_hash="x")
+    with pytest.raises(WorkerSetupError, match="cannot see the tile store folder .*elsewhere"):
+        _WorkerState(missing_store).ensure_built()
+
+
+def test_with_learned_plugins_auto_means_one_worker_per_gpu_each_on_its_own(monkeypatch) -> None:
+    from mk_hspc.engine import dask_executor
+
+    segmentation = load_parameters(env="gpu")["segmentation"]
+    monkeypatch.setattr(dask_executor, "cuda_device_count", lambda: 3)
+    settings = DaskSettings.from_params(segmentation["executor"]["dask"])
+    assert resolve_n_workers(settings, segmentation) == (3, "one per GPU (3 visible) for the learned plugins")
+    assert resolve_n_workers(settings, {**segmentation, "device": "cpu"})[0] == len(os.sched_getaffinity(0))
+    monkeypatch.setattr("distributed.get_worker", lambda: type("W", (), {"name": 4})())
+    assert dask_executor._with_worker_device(segmentation)["device"] == "cuda:1"
+    classical = load_parameters()["segmentation"]
+    assert dask_executor._with_worker_device(classical)["device"] == "auto"  # no torch plugin: unchanged
