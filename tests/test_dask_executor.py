@@ -36,6 +36,7 @@ from mk_hspc.pipelines.segmentation import create_pipeline
 from mk_hspc.pipelines.segmentation.nodes import chosen_plugin_conf, segment_sampled_tiles
 from mk_hspc.tile_store import TILE_SUFFIX, TMP_SUFFIX
 from mk_hspc.tiling import build_tile_grid
+from tests.conftest import corrupt_first_subblock, write_czi
 from tests.test_parameters import load_parameters, problems_of, with_value
 
 pytestmark = pytest.mark.slow
@@ -329,3 +330,54 @@ def test_with_learned_plugins_auto_means_one_worker_per_gpu_each_on_its_own(monk
     assert dask_executor._with_worker_device(segmentation)["device"] == "cuda:1"
     classical = load_parameters()["segmentation"]
     assert dask_executor._with_worker_device(classical)["device"] == "auto"  # no torch plugin: unchanged
+
+
+# ------------------------------------------------------------------------------ failures, no hang
+def test_failed_tiles_are_recorded_as_the_local_executor_records_them_and_a_stall_ends_the_run(
+    tmp_path: Path,
+) -> None:
+    """A corrupt region fails its tile alike on both executors (failures.json, non-zero end); a run in which
+    no tile finishes within stall_timeout_s ends with its tiles failed instead of waiting."""
+    from distributed import Client, LocalCluster
+
+    slide_path = corrupt_first_subblock(
+        write_czi(tmp_path / "lab01.czi", 120, 0.5, size_px=256, compression="zstd1:ExplicitLevel=1")
+    )
+    sample = pd.DataFrame(
+        [
+            {"tile_id": f"lab01_s0_r000_c{col:03d}", "slide": "lab01", "x": x, "y": 0, "w": 256, "h": 256}
+            | {"core_x": x, "core_y": 0, "core_w": 256, "core_h": 256}
+            for col, x in enumerate((0, 256))
+        ]
+    )
+    segmentation = load_parameters()["segmentation"]
+    segmentation["runtime"].update(progress=False, fsync=False)
+    for spec in segmentation["segmenters"].values():
+        spec["name"] = "noop"
+    segmentation["features"]["morphology"]["enabled"] = False
+    ingestion = load_parameters()["ingestion"]
+    openers = {"lab01": lambda: open_slide(slide_path)}
+
+    def save(store: Path, executor: dict[str, Any] | None, client: Any = None) -> list[dict[str, str]]:
+        conf = copy.deepcopy(segmentation) | ({"executor": executor} if executor else {})
+        plan = segment_sampled_tiles(sample, openers, conf, ingestion)
+        if client is not None:
+            plan.dask = DaskRun(plan.dask.settings, plan.dask.segmentation, client=client)
+        with pytest.raises(TileFailuresError):
+            TileStoreDataset(str(store)).save(plan)
+        return read_failures(store)
+
+    local = save(tmp_path / "local", None)
+    assert [(f["tile_id"], f["stage"]) for f in local] == [("lab01_s0_r000_c000", "read")]
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        dask = save(tmp_path / "dask", {"kind": "dask", "dask": {"retries": 1}}, client)
+        assert dask == local  # same tile, stage and error text
+        assert tile_files(tmp_path / "dask") == ["lab01_s0_r000_c001.h5"]
+        stalled = save(tmp_path / "stalled", {"kind": "dask", "dask": {"stall_timeout_s": 0.001}}, client)
+    assert [f["stage"] for f in stalled] == ["timeout", "timeout"]
+    assert "no tile finished within 0.001 s" in stalled[0]["error"]

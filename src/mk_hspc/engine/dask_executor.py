@@ -713,7 +713,7 @@ def _record_stall(
     """No tile finished for ``stall_timeout_s``: every unfinished tile is recorded failed; the run ends."""
     n_workers = _live_workers(client)
     reason = (
-        f"no tile finished within {settings.stall_timeout_s:.0f} s "
+        f"no tile finished within {settings.stall_timeout_s:g} s "
         f"(segmentation.executor.dask.stall_timeout_s) with {n_workers} worker(s) alive; the run stopped"
     )
     logger.error("Dask executor: %s", reason)
