@@ -261,6 +261,7 @@ def test_the_default_executor_is_local_and_n_workers_auto_counts_usable_cores() 
         ("segmentation.executor.dask.cluster", "address", "cluster: address needs address"),
         ("segmentation.executor.dask.slurm.cluster", {"cpus": 4}, "slurm.cluster.cpus: unknown key"),
         ("segmentation.executor.dask.workers", 4, "segmentation.executor.dask.workers: unknown key"),
+        ("segmentation.executor.dask.threads_per_worker", 3, "at least threads_per_worker"),
     ],
 )
 def test_bad_executor_settings_are_named_by_their_key(key: str, value: Any, problem: str) -> None:

@@ -204,6 +204,11 @@ class DaskExecutor(_Block):
     def _address_for_an_existing_scheduler(self) -> DaskExecutor:
         if self.cluster == "address" and not self.address:
             raise ValueError("cluster: address needs address (the scheduler's, e.g. tcp://10.0.0.5:8786)")
+        if self.max_tiles_in_flight_per_worker < self.threads_per_worker:
+            raise ValueError(
+                "max_tiles_in_flight_per_worker should be at least threads_per_worker "
+                "(fewer tiles in flight leave worker threads idle)"
+            )
         return self
 
 
