@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from mk_hspc.tissue.detect import MAX_OD
@@ -142,11 +142,89 @@ class Runtime(_Block):
     release_memory_every_tiles: Count | None = 8
 
 
+class Slurm(_Block):
+    """``dask_jobqueue.SLURMCluster`` keyword arguments (``cluster``) and how many jobs to submit."""
+
+    jobs: Count = 1
+    cluster: dict[str, Any] = {}
+
+    @field_validator("cluster")
+    @classmethod
+    def _slurm_cluster_arguments(cls, cluster: dict[str, Any]) -> dict[str, Any]:
+        if cluster:
+            from mk_hspc.engine.dask_executor import slurm_cluster_arguments  # imports dask_jobqueue
+
+            allowed = sorted(slurm_cluster_arguments())
+            unknown = [name for name in cluster if name not in allowed]
+            if unknown:
+                raise PydanticCustomError(
+                    UNKNOWN_KEYS, "unknown keys {unknown}", {"unknown": unknown, "allowed": allowed}
+                )
+        return cluster
+
+
+class DaskExecutor(_Block):
+    """``engine.dask_executor.DaskSettings`` fields (``slurm`` gives ``slurm_jobs`` and ``slurm_cluster``)."""
+
+    cluster: Literal["local", "address", "slurm"] = "local"
+    address: str | None = None
+    n_workers: Any = "auto"  # auto | a whole number >= 1 (checked below, one message for both)
+    threads_per_worker: Count = 1
+    memory_limit: str = "auto"
+    max_tiles_in_flight_per_worker: Count = 2
+    retries: int = Field(2, ge=0)
+    allowed_failures: int = Field(3, ge=0)
+    startup_timeout_s: PositiveFloat = 120.0
+    stall_timeout_s: PositiveFloat = 1800.0
+    dashboard_address: str | None = None
+    slurm: Slurm = Slurm()
+
+    @field_validator("n_workers")
+    @classmethod
+    def _n_workers(cls, n_workers: Any) -> Any:
+        if n_workers != "auto" and not (
+            isinstance(n_workers, int) and not isinstance(n_workers, bool) and n_workers >= 1
+        ):
+            raise ValueError("should be auto or a whole number of workers >= 1")
+        return n_workers
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, memory_limit: str) -> str:
+        if memory_limit != "auto":
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(memory_limit)
+            except ValueError:
+                raise ValueError("should be auto or a size such as 6GiB") from None
+        return memory_limit
+
+    @model_validator(mode="after")
+    def _address_for_an_existing_scheduler(self) -> DaskExecutor:
+        if self.cluster == "address" and not self.address:
+            raise ValueError("cluster: address needs address (the scheduler's, e.g. tcp://10.0.0.5:8786)")
+        if self.max_tiles_in_flight_per_worker < self.threads_per_worker:
+            raise ValueError(
+                "max_tiles_in_flight_per_worker should be at least threads_per_worker "
+                "(fewer tiles in flight leave worker threads idle)"
+            )
+        return self
+
+
+class Executor(_Block):
+    """Where the tiles run: this process's threads (``local``) or a Dask cluster (``dask``)."""
+
+    kind: Literal["local", "dask"] = "local"
+    dask: DaskExecutor = DaskExecutor()
+
+
 class Segmentation(_Block):
     device: str = "auto"
     segmenters: dict[str, SegmenterChoice] = Field(min_length=1)
     features: dict[str, FeatureChoice] = {}
     runtime: Runtime = Runtime()
+    executor: Executor = Executor()
 
     @field_validator("segmenters")
     @classmethod

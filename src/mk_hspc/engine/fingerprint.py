@@ -174,12 +174,18 @@ def _imported_modules(module: types.ModuleType) -> set[str]:
 
 
 @cache
+def _packages_distributions() -> Mapping[str, list[str]]:
+    """Import name -> distributions, once per process: the scan stats every installed file (seconds)."""
+    return importlib.metadata.packages_distributions()
+
+
+@cache
 def _package_versions(module_name: str) -> tuple[tuple[str, str], ...]:
     """Versions of the third-party distributions imported by a module and its ``mk_hspc`` dependencies."""
     top_levels = set()
     for name, _ in _module_sources(module_name):
         top_levels |= {dep.split(".")[0] for dep in _imported_modules(sys.modules[name])}
-    distributions = importlib.metadata.packages_distributions()
+    distributions = _packages_distributions()
     versions = {}
     for top in sorted(top_levels - {"mk_hspc"}):
         for dist in distributions.get(top, ()):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from mk_hspc.engine.dask_executor import DaskRun
 from mk_hspc.engine.tile_work import RunSummary, SegmentationSettings, SlideLike, segment_tiles
 from mk_hspc.models.base import FeatureExtractor, Segmenter
 
@@ -37,6 +38,7 @@ class SegmentationPlan:
         params: configuration folded into the parameters hash.
         skip_failed_tiles: a store whose failed tiles (bad slides, corrupt regions) are recorded and left out
             still counts as complete (``ingestion.skip_bad_slides``); otherwise failures end the run.
+        dask: run the tiles on a Dask cluster instead of this process's threads (same results).
     """
 
     tile_sample: pd.DataFrame
@@ -46,6 +48,7 @@ class SegmentationPlan:
     settings: SegmentationSettings = field(default_factory=SegmentationSettings)
     params: Mapping[str, Any] = field(default_factory=dict)
     skip_failed_tiles: bool = False
+    dask: DaskRun | None = None
 
     def run(self, store_dir: Path) -> RunSummary:
         """Segment every tile not already done; a slide or tile that fails is recorded, the rest goes on.
@@ -80,6 +83,7 @@ class SegmentationPlan:
                 self.settings,
                 params=self.params,
                 isolate_failures=True,
+                dask=self.dask,
             )
         if unopened:
             not_opened = self.tile_sample[self.tile_sample["slide"].astype(str).isin(unopened)]

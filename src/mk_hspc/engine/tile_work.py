@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ from mk_hspc.tile_store import (
     tile_status,
     write_tile_result,
 )
+
+if TYPE_CHECKING:
+    from mk_hspc.engine.dask_executor import DaskRun
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,8 @@ class RunSummary:
     failed_tiles: list[dict[str, str]] = field(default_factory=list)
     # Cells wider than the tile overlap (kept, flagged; exactly-once not guaranteed for them).
     n_cells_wider_than_overlap: int = 0
+    # Which executor ran the tiles; the Dask one adds its workers and their peak RSS.
+    executor: dict[str, Any] = field(default_factory=lambda: {"kind": "local"})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,6 +254,7 @@ def segment_tiles(
     *,
     params: Mapping[str, Any] | None = None,
     isolate_failures: bool = False,
+    dask: DaskRun | None = None,
 ) -> RunSummary:
     """Segment every tile of ``tile_sample`` into ``store_dir``, resuming where a previous run stopped.
 
@@ -267,6 +273,9 @@ def segment_tiles(
         params: extra configuration folded into the parameters hash (e.g. the conf block).
         isolate_failures: a tile that fails to read or segment is recorded in ``failed_tiles`` (with its
             slide and error) and the run goes on; without it the first failure stops the run.
+        dask: run the tiles on a Dask cluster (:mod:`mk_hspc.engine.dask_executor`) instead of the local
+            threads. Which tiles run, their ids, files and fingerprints are the same either way; each worker
+            builds its own plugins from ``dask.segmentation`` and re-opens ``slides`` by path.
 
     Returns:
         A :class:`RunSummary` (counts, throughput, queue high-water marks).
@@ -320,6 +329,91 @@ def segment_tiles(
         params_hash,
     )
 
+    started = time.perf_counter()
+    if dask is not None:
+        from mk_hspc.engine.dask_executor import run_on_dask
+
+        outcome = run_on_dask(
+            todo,
+            dask,
+            {
+                "segmentation": dask.segmentation,
+                "fingerprint_params": dict(params or {}),
+                "params_hash": params_hash,
+                "slides": {name: slides[name] for name in pixel_sizes_um},
+                "pixel_sizes_um": pixel_sizes_um,
+                "store_dir": str(store_dir.resolve()),
+                "fsync": settings.fsync,
+                "label_chunk_px": settings.label_chunk_px,
+                "release_memory_every_tiles": settings.release_memory_every_tiles,
+            },
+            progress=settings.progress,
+            isolate_failures=isolate_failures,
+        )
+        # A worker killed between writing and renaming a tile leaves its temporary file; the tile itself
+        # was redone elsewhere. Every task has settled here, so nothing is writing any more.
+        removed += remove_temporary_files(store_dir)
+        n_done, totals, busy_s, failed_tiles = (
+            outcome.n_done,
+            outcome.totals,
+            outcome.busy_s,
+            outcome.failures,
+        )
+        queues = (0, 0, outcome.max_in_flight)
+        executor = outcome.info
+    else:
+        n_done, totals, busy_s, failed_tiles, queues = _run_local(
+            todo,
+            slides,
+            store_dir,
+            segmenters,
+            feature_extractors,
+            settings,
+            params_hash,
+            pixel_sizes_um,
+            isolate_failures,
+        )
+        executor = {"kind": "local"}
+    elapsed_s = time.perf_counter() - started
+    if totals.get(WIDER):
+        logger.warning(
+            "%d cell(s) were wider than the tile overlap: they are kept and flagged (wider_than_overlap) but "
+            "may be cut or counted twice; raise ingestion.tiles.largest_cell_um above the largest cell",
+            totals[WIDER],
+        )
+    return RunSummary(
+        params_hash=params_hash,
+        n_tiles=len(specs),
+        n_skipped=len(specs) - len(todo),
+        n_processed=n_done,  # written tiles (failed ones not included)
+        n_recomputed=n_recomputed,
+        n_cells={k: v for k, v in totals.items() if k != WIDER},
+        n_cells_wider_than_overlap=int(totals.get(WIDER, 0)),
+        elapsed_s=elapsed_s,
+        tiles_per_s=n_done / elapsed_s if elapsed_s > 0 else 0.0,
+        max_read_queue=queues[0],
+        max_write_queue=queues[1],
+        max_tiles_in_flight=queues[2],
+        removed_temporary_files=len(removed),
+        busy_s=busy_s,
+        failed_tiles=sorted(failed_tiles, key=lambda failure: failure["tile_id"]),
+        executor=executor,
+    )
+
+
+def _run_local(
+    todo: list[TileSpec],
+    slides: Mapping[str, SlideLike],
+    store_dir: Path,
+    segmenters: Mapping[str, Segmenter],
+    feature_extractors: Sequence[FeatureExtractor],
+    settings: SegmentationSettings,
+    params_hash: str,
+    pixel_sizes_um: Mapping[str, float],
+    isolate_failures: bool,
+) -> tuple[int, dict[str, int], dict[str, float], list[dict[str, str]], tuple[int, int, int]]:
+    """The threaded prefetch engine of this process: readers -> the model (this thread) -> writers."""
+
     def read(spec: TileSpec) -> np.ndarray:
         return _normalise_tile(slides[spec.slide].read_region(spec.x, spec.y, spec.w, spec.h), spec)
 
@@ -331,13 +425,12 @@ def segment_tiles(
             segmenters,
             feature_extractors,
             params_hash,
-            slide_file_id=file_ids[spec.slide],
+            slide_file_id=str(getattr(slides[spec.slide].meta, "file_id", "")),
         )
 
     def write(spec: TileSpec, result: TileResult) -> None:
         write_tile_result(store_dir, result, fsync=settings.fsync, label_chunk_px=settings.label_chunk_px)
 
-    started = time.perf_counter()
     stats = run_prefetched(
         todo,
         read,
@@ -364,30 +457,8 @@ def segment_tiles(
         }
         for error in stats.failures
     ]
-    elapsed_s = time.perf_counter() - started
-    if stats.totals.get(WIDER):
-        logger.warning(
-            "%d cell(s) were wider than the tile overlap: they are kept and flagged (wider_than_overlap) but "
-            "may be cut or counted twice; raise ingestion.tiles.largest_cell_um above the largest cell",
-            stats.totals[WIDER],
-        )
-    return RunSummary(
-        params_hash=params_hash,
-        n_tiles=len(specs),
-        n_skipped=len(specs) - len(todo),
-        n_processed=stats.n_items,  # written tiles (failed ones not included)
-        n_recomputed=n_recomputed,
-        n_cells={k: v for k, v in stats.totals.items() if k != WIDER},
-        n_cells_wider_than_overlap=int(stats.totals.get(WIDER, 0)),
-        elapsed_s=elapsed_s,
-        tiles_per_s=stats.n_items / elapsed_s if elapsed_s > 0 else 0.0,
-        max_read_queue=stats.max_read_queue,
-        max_write_queue=stats.max_write_queue,
-        max_tiles_in_flight=stats.max_in_flight,
-        removed_temporary_files=len(removed),
-        busy_s=stats.busy_s,
-        failed_tiles=sorted(failed_tiles, key=lambda failure: failure["tile_id"]),
-    )
+    queues = (stats.max_read_queue, stats.max_write_queue, stats.max_in_flight)
+    return stats.n_items, dict(stats.totals), dict(stats.busy_s), failed_tiles, queues
 
 
 def _owned_cells(

@@ -19,6 +19,7 @@ from mk_hspc.counts import cell_counts_figure, count_cells
 from mk_hspc.czi import CziSlide
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.cells_table import build_cells_table
+from mk_hspc.engine.dask_executor import DaskRun, DaskSettings
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.engine.plugins import build_plugins, chosen_plugins
 from mk_hspc.engine.tile_work import SegmentationSettings
@@ -71,6 +72,17 @@ def segment_sampled_tiles(
         settings=SegmentationSettings(**segmentation.get("runtime", {})),
         params=chosen_plugin_conf(segmentation),
         skip_failed_tiles=bool(ingestion["skip_bad_slides"]),
+        dask=dask_run(segmentation),
+    )
+
+
+def dask_run(segmentation: Mapping[str, Any]) -> DaskRun | None:
+    """The Dask executor's settings when ``segmentation.executor.kind`` is ``dask`` (None: local threads)."""
+    executor = segmentation.get("executor") or {}
+    if executor.get("kind", "local") != "dask":
+        return None
+    return DaskRun(
+        DaskSettings.from_params(executor.get("dask")), segmentation=copy.deepcopy(dict(segmentation))
     )
 
 
