@@ -69,8 +69,9 @@ def _stroma_tiles(rng: np.random.Generator, spec: DemoSpec, period_px: int) -> t
     spacing_px = spec.stroma_cell_spacing_um / px
     edge_px, region, n_regions = voronoi_bank(rng, period_px, spacing_px, warp_px=0.8 / px)
     clear = rng.uniform(0, 1, n_regions) < 0.4
-    region_e = np.where(clear, rng.uniform(0.02, 0.06, n_regions), rng.uniform(0.12, 0.30, n_regions))
-    region_h = np.where(clear, 0.02, rng.uniform(0.05, 0.18, n_regions))
+    # filled spaces are eosinophilic (pink) with little haematoxylin, as in the BM_GRAZ images
+    region_e = np.where(clear, rng.uniform(0.02, 0.06, n_regions), rng.uniform(0.16, 0.36, n_regions))
+    region_h = np.where(clear, 0.02, rng.uniform(0.03, 0.10, n_regions))
     membrane = np.exp(-((edge_px / (0.25 / px)) ** 2)) * rng.uniform(0.5, 1.0, n_regions)[region]
     fine = periodic_noise(rng, period_px, 1.2)
     blotch = periodic_noise(rng, period_px, 3.0 / px)
