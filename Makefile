@@ -46,6 +46,7 @@ bench: install
 	$(PY) bench/faults.py
 	$(PY) bench/czi_subblock_enumeration.py
 	$(PY) bench/scale_out.py
+	$(PY) bench/demo_study.py
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete

@@ -18,7 +18,14 @@ from mk_hspc.demo import DemoSpec, make_demo_study
 from mk_hspc.models.evaluation import match_points_to_regions, scores_from_counts
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter, label_moments
 
-MIN_F1 = {"mk": 0.90, "hspc": 0.90}
+# Lowered from 0.90 / 0.90 when the demo got typed confounders and real MK morphology (demo generator 2).
+# Measured on DemoSpec.small() with the classical segmenter of that commit: mk F1 0.824 (14 of 19 MKs found,
+# the misses among the young and the widely lobulated ones; 1 false candidate, on an osteoclast);
+# hspc F1 0.779 (recall 0.979, precision 0.646: the nucleus mode rightly also finds lymphocytes,
+# erythroblasts and granulocytes, which the ground truth now types as confounders, not as "hspc"; against
+# all four small nucleated types together it scores precision 0.974, recall 0.896).
+# The demo is a smoke test of the pipeline, not the quality test: real images decide (bench/bm_graz.py).
+MIN_F1 = {"mk": 0.75, "hspc": 0.72}
 
 
 @pytest.fixture(scope="module")

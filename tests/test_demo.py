@@ -16,9 +16,20 @@ from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
 
 from mk_hspc.demo import DemoSpec, load_tissue_truth, make_demo_study, tile_tissue_fraction_truth
-from mk_hspc.demo.cells import hspc_polygon_xy, orient_array, orient_points, place_cells
+from mk_hspc.demo.cells import (
+    CELL_TYPES,
+    LARGE_TYPES,
+    SMALL_TYPES,
+    TYPE_CODE,
+    SmallCells,
+    orient_array,
+    orient_points,
+    place_cells,
+    polygon_xy,
+    small_cell_polygon_xy,
+)
 from mk_hspc.demo.layout import build_layout
-from mk_hspc.demo.render import build_banks, render_tile
+from mk_hspc.demo.render import _large_stamp, build_banks, render_tile
 from mk_hspc.demo.writer import build_scene
 
 PIXEL_SIZE_UM = 0.1725
@@ -96,22 +107,32 @@ def test_pixels_show_the_ground_truth_cells(study, cells: pd.DataFrame) -> None:
             box = reader.total_bounding_rectangle
             rgb = reader.read(roi=(box.x, box.y, box.w, box.h))[..., ::-1].astype(float)
         darkness = 255 - rgb.mean(axis=2)
-        some_hspcs = slide_cells[slide_cells.cell_type == "hspc"].sample(40, random_state=0)
-        for row in pd.concat([slide_cells[slide_cells.cell_type == "mk"], some_hspcs]).itertuples():
+        sample = [
+            sub if cell_type in LARGE_TYPES else sub.sample(min(len(sub), 15), random_state=0)
+            for cell_type, sub in slide_cells.groupby("cell_type")
+        ]
+        for row in pd.concat(sample).itertuples():
             xy = np.asarray(row.polygon_xy).reshape(-1, 2)
             bx, by = row.bbox_x - box.x, row.bbox_y - box.y
             inside = _mask(xy, row.bbox_x, row.bbox_y, row.bbox_h, row.bbox_w)
             pixels = rgb[by : by + row.bbox_h, bx : bx + row.bbox_w][inside]
-            if row.cell_type == "hspc":
+            if row.cell_type in SMALL_TYPES:
                 # a dark haematoxylin nucleus: the darkest pixels are purple-blue (blue above green)
-                darkest = pixels[np.argsort(pixels.sum(axis=1))[: max(5, len(pixels) // 5)]].mean(axis=0)
-                assert darkest.sum() < 3 * 140
+                darkest = pixels[np.argsort(pixels.sum(axis=1))[: max(5, len(pixels) // 10)]].mean(axis=0)
+                assert darkest.sum() < 3 * 140, row.cell_type
                 assert darkest[2] > darkest[1]
+            elif row.cell_type == "small_nucleus_cluster":
+                # many dense nuclei, little cytoplasm: a large share of dark pixels
+                assert (pixels.sum(axis=1) < 3 * 130).mean() > 0.25
             else:
-                # pink eosinophilic cytoplasm (green absorbed most) around a dark nucleus
+                # pink eosinophilic cytoplasm (green absorbed most) ...
                 median = np.median(pixels, axis=0)
-                assert median[1] < median[0] - 20 and median[1] < median[2] - 10
-                assert pixels.sum(axis=1).min() < 3 * 120
+                assert median[1] < median[0] - 20 and median[1] < median[2] - 10, row.cell_type
+                dark = pixels.sum(axis=1) < 3 * 120
+                if row.cell_type == "debris":  # ... and no nucleus (small cells may overlap its edge)
+                    assert dark.mean() < 0.1
+                else:  # ... around a dark nucleus
+                    assert dark.any(), row.cell_type
         tissue_mask, _, _, ds = load_tissue_truth(study.tissue_path(name))
 
         def full_res(mask: np.ndarray, ds=ds, box=box) -> np.ndarray:
@@ -126,13 +147,40 @@ def test_pixels_show_the_ground_truth_cells(study, cells: pd.DataFrame) -> None:
         assert darkness[tissue_px].mean() > 3 * darkness[far_glass].mean()
 
 
+# Plausible true sizes (µm², whole cell) and the fewest of each type the small study must hold.
+AREA_RANGE_UM2 = {
+    "mk": (200, 2000),
+    "hspc": (30, 250),
+    "osteoclast": (150, 1600),
+    "granulocyte": (60, 160),
+    "erythroblast": (30, 90),
+    "lymphocyte": (15, 60),
+    "small_nucleus_cluster": (80, 1200),
+    "debris": (200, 2000),
+}
+MIN_COUNT = {"mk": 4, "hspc": 200, "granulocyte": 40, "erythroblast": 40, "lymphocyte": 40}
+
+
+def test_ground_truth_lists_every_type_with_plausible_counts_and_sizes(cells: pd.DataFrame) -> None:
+    assert set(cells.cell_type) == set(CELL_TYPES)
+    assert cells.is_target.dtype == bool
+    assert (cells.is_target == cells.cell_type.isin(["mk", "hspc"])).all()
+    counts = cells.cell_type.value_counts()
+    for cell_type in CELL_TYPES:
+        assert counts[cell_type] >= MIN_COUNT.get(cell_type, 3), (cell_type, counts[cell_type])
+        low, high = AREA_RANGE_UM2[cell_type]
+        areas = cells.area_um2[cells.cell_type == cell_type]
+        assert areas.between(low, high).all(), (cell_type, areas.min(), areas.max())
+    # MKs span the requested size range, not one size
+    mk = cells.area_um2[cells.cell_type == "mk"]
+    assert mk.min() < 400 and mk.max() > 1000
+    # the small study's HSPCs outnumber each small confounder, as in the default study
+    assert counts["hspc"] > max(counts[t] for t in ("lymphocyte", "erythroblast", "granulocyte"))
+
+
 def test_ground_truth_is_consistent(study, cells: pd.DataFrame) -> None:
     assert cells.cell_id.is_unique
-    assert set(cells.cell_type) == {"mk", "hspc"}
-    mk, hspc = cells[cells.cell_type == "mk"], cells[cells.cell_type == "hspc"]
-    assert len(mk) >= 4 and len(hspc) >= 200
-    assert mk.area_um2.between(200, 2000).all()
-    assert hspc.area_um2.between(30, 250).all()
+    assert list(cells.cell_type.drop_duplicates()) == list(CELL_TYPES[: cells.cell_type.nunique()])
     for row in cells.itertuples():
         xy = np.asarray(row.polygon_xy).reshape(-1, 2)
         assert row.bbox_x <= xy[:, 0].min() and xy[:, 0].max() <= row.bbox_x + row.bbox_w
@@ -169,7 +217,7 @@ def test_cells_overlap_at_most_the_allowed_fraction(cells: pd.DataFrame) -> None
             h, w = y1 - y0 + 1, x1 - x0 + 1
             shared = (_mask(polys[i], x0, y0, h, w) & _mask(polys[j], x0, y0, h, w)).sum()
             n_touching += shared > 0
-            if types[i] == types[j] == "mk":
+            if types[i] in LARGE_TYPES and types[j] in LARGE_TYPES:  # MK-sized objects never touch
                 assert shared == 0
             else:
                 assert shared / min(area_px2[i], area_px2[j]) <= max_fraction + 0.02  # rasterisation slack
@@ -207,15 +255,25 @@ def test_slide_sheet_spreads_slides_over_four_groups(study) -> None:
 
 def test_group_density_factor_scales_cell_counts() -> None:
     # below saturation, the requested density is met and a group factor scales it
-    spec = dataclasses.replace(DemoSpec.small(), width_px=4000, height_px=3000, hspc_per_mm2=2500.0)
+    spec = dataclasses.replace(DemoSpec.small(), width_px=4000, height_px=3000, hspc_per_mm2=2000.0)
     layout = build_layout(np.random.default_rng(3), spec)
-    variants = build_banks(dataclasses.replace(spec, hspc_n_variants=40)).hspc
-    mk_base, base = place_cells(np.random.default_rng(4), spec, layout, variants, 1.0, 1.0)
-    _, more = place_cells(np.random.default_rng(4), spec, layout, variants, 1.0, 1.4)
-    mk_more, _ = place_cells(np.random.default_rng(4), spec, layout, variants, 3.0, 1.0)
-    assert len(base) == pytest.approx(spec.hspc_per_mm2 * layout.marrow_area_mm2, rel=0.02)
-    assert len(more) / len(base) == pytest.approx(1.4, rel=0.05)
-    assert len(mk_more) > 1.5 * len(mk_base)
+    bank = build_banks(dataclasses.replace(spec, hspc_n_variants=40)).small
+
+    def counts(mk_factor: float, hspc_factor: float) -> dict[str, int]:
+        large, small = place_cells(np.random.default_rng(4), spec, layout, bank, mk_factor, hspc_factor)
+        kinds = np.concatenate([large.kind, small.kind(bank)])
+        return {t: int((kinds == TYPE_CODE[t]).sum()) for t in CELL_TYPES}
+
+    base, more_hspc, more_mk = counts(1.0, 1.0), counts(1.0, 1.4), counts(3.0, 1.0)
+    assert base["hspc"] == pytest.approx(spec.hspc_per_mm2 * layout.marrow_area_mm2, rel=0.02)
+    assert more_hspc["hspc"] / base["hspc"] == pytest.approx(1.4, rel=0.05)
+    assert more_mk["mk"] > 1.5 * base["mk"]
+    # the group factors move the targets only: the confounders keep their density
+    for kind in ("lymphocyte", "erythroblast", "granulocyte"):
+        wanted = getattr(spec, f"{kind}_per_mm2") * layout.marrow_area_mm2
+        # erythroblast islands crowd themselves: a few percent of their cells find no room
+        assert base[kind] == pytest.approx(wanted, rel=0.12 if kind == "erythroblast" else 0.05)
+        assert more_hspc[kind] == pytest.approx(base[kind], rel=0.05)
 
 
 def test_rerun_with_same_spec_is_skipped_and_a_new_spec_rewrites(tmp_path: Path) -> None:
@@ -279,18 +337,65 @@ def test_tiles_join_without_seams() -> None:
     assert np.array_equal(render_tile(scene, banks, spec, 100, 50, 400, 500, rng, bgr=True), whole[..., ::-1])
 
 
-def test_hspc_outline_matches_its_rendered_stamp_in_every_orientation() -> None:
-    spec = _tiny()
+def test_small_cell_outlines_match_their_rendered_stamps_in_every_orientation() -> None:
+    banks = build_banks(_tiny())
+    bank = banks.small
+    for kind in SMALL_TYPES:
+        for design in np.flatnonzero(bank.kind == TYPE_CODE[kind])[:3]:
+            for orientation in range(8):
+                cell = SmallCells(
+                    np.array([200]), np.array([300]), np.array([design]), np.array([orientation]), np.ones(1)
+                )
+                alpha = banks.small_stamps[design][orientation][0]
+                half = alpha.shape[0] // 2
+                outline = _mask(small_cell_polygon_xy(bank, cell, 0), 300 - half, 200 - half, *alpha.shape)
+                drawn = alpha > 0.25  # the translucent rim is still part of the cell
+                assert (outline & drawn).sum() / (outline | drawn).sum() > 0.85, (kind, orientation)
+
+
+def test_large_object_outlines_match_what_is_rendered() -> None:
+    spec = dataclasses.replace(DemoSpec.small(), n_slides=1)
     banks = build_banks(spec)
     scene = build_scene(spec, 0, banks)
-    cells = scene.hspc
-    for i in range(min(16, len(cells))):
-        alpha = banks.hspc_stamps[cells.variant[i]][int(cells.orientation[i])][0]
-        half = alpha.shape[0] // 2
-        top, left = int(cells.y_px[i]) - half, int(cells.x_px[i]) - half
-        outline = _mask(hspc_polygon_xy(banks.hspc, cells, i), left, top, *alpha.shape)
-        drawn = alpha > 0.25  # the translucent rim is still part of the cell
-        assert (outline & drawn).sum() / (outline | drawn).sum() > 0.85
+    large = scene.large
+    assert {TYPE_CODE[t] for t in LARGE_TYPES} <= set(large.kind.tolist())
+    for i in range(len(large)):
+        top, left, (alpha, c_h, _) = _large_stamp(large, i, banks, scene.bank_offset_yx, spec.blur_sigma_px)
+        outline = _mask(polygon_xy(large.outline, i, 96), left, top, *alpha.shape)
+        nucleus = outline & (c_h > 0.5)  # haematoxylin-dense pixels inside the cell
+        if large.halo_px[i] == 0:  # (a halo's clear ring is drawn too, outside the outline)
+            drawn = alpha > 0.5
+            assert (outline & drawn).sum() / (outline | drawn).sum() > 0.9, large.cell_type[i]
+        else:
+            assert (alpha[outline] > 0.5).mean() > 0.99
+        if large.cell_type[i] == "debris":
+            assert not nucleus.any()
+        else:
+            assert nucleus.sum() > 0.04 * outline.sum(), large.cell_type[i]
+
+
+def test_osteoclasts_sit_on_bone_and_erythroblasts_gather_in_islands() -> None:
+    spec = dataclasses.replace(DemoSpec.small(), n_slides=1, width_px=4000, height_px=3000)
+    banks = build_banks(spec)
+    scene = build_scene(spec, 0, banks)
+    large = scene.large
+    osteoclast = large.kind == TYPE_CODE["osteoclast"]
+    assert osteoclast.sum() >= 2
+    bone = scene.layout.sample("bone_sdf_um", large.outline.y_px[osteoclast], large.outline.x_px[osteoclast])
+    reach_um = large.outline.r_min_px[osteoclast] * spec.pixel_size_um
+    assert (bone > 0).all() and (bone < reach_um).all()  # in marrow, and overlapping the bone surface
+    kinds = scene.small.kind(banks.small)
+    points = np.column_stack([scene.small.y_px, scene.small.x_px]) * spec.pixel_size_um
+    tree = cKDTree(points)
+
+    def same_kind_neighbours(kind: str) -> float:
+        own = np.flatnonzero(kinds == TYPE_CODE[kind])
+        near = tree.query_ball_point(points[own], 15.0)
+        return float(np.mean([np.mean(kinds[n] == TYPE_CODE[kind]) for n in near]))
+
+    share = {kind: float(np.mean(kinds == TYPE_CODE[kind])) for kind in SMALL_TYPES}
+    # erythroblasts' neighbours are erythroblasts far more often than their share of all small cells
+    assert same_kind_neighbours("erythroblast") > 2.5 * share["erythroblast"]
 
 
 def test_orientation_moves_points_like_pixels() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mk_hspc.demo.cells import Discs, HspcCells, HspcVariants, MkCells, hspc_variants, orient_array
+from mk_hspc.demo.cells import CellDesigns, Discs, SmallCells, orient_array, small_cell_bank
 from mk_hspc.demo.layout import SlideLayout, radius_at
 from mk_hspc.demo.spec import DemoSpec
 from mk_hspc.demo.texture import PeriodicBank, periodic_blur, periodic_noise, upsample_window, voronoi_bank
@@ -41,9 +41,10 @@ class TextureBanks:
     lamella_jitter: PeriodicBank
     chromatin: PeriodicBank
     granules: PeriodicBank
+    foam: PeriodicBank
     camera_noise: PeriodicBank
-    hspc: HspcVariants
-    hspc_stamps: tuple[tuple[Stamp, ...], ...]  # [design][orientation] (views, no copies)
+    small: CellDesigns  # the small-cell designs (all small types), centred on (0, 0)
+    small_stamps: tuple[tuple[Stamp, ...], ...]  # [design][orientation] (views, no copies)
     rbc: tuple[Stamp, ...]
     lacunae: tuple[Stamp, ...]
 
@@ -53,8 +54,8 @@ class SlideScene:
     """Everything needed to render any tile of one slide."""
 
     layout: SlideLayout
-    mk: MkCells
-    hspc: HspcCells
+    large: CellDesigns  # MKs, osteoclasts, small-nucleus clusters, debris, at slide-local positions
+    small: SmallCells
     rbc: Discs
     lacunae: Discs
     stain_gain_h: float
@@ -68,8 +69,9 @@ def _stroma_tiles(rng: np.random.Generator, spec: DemoSpec, period_px: int) -> t
     spacing_px = spec.stroma_cell_spacing_um / px
     edge_px, region, n_regions = voronoi_bank(rng, period_px, spacing_px, warp_px=0.8 / px)
     clear = rng.uniform(0, 1, n_regions) < 0.4
-    region_e = np.where(clear, rng.uniform(0.02, 0.06, n_regions), rng.uniform(0.12, 0.30, n_regions))
-    region_h = np.where(clear, 0.02, rng.uniform(0.05, 0.18, n_regions))
+    # filled spaces are eosinophilic (pink) with little haematoxylin, as in the BM_GRAZ images
+    region_e = np.where(clear, rng.uniform(0.02, 0.06, n_regions), rng.uniform(0.16, 0.36, n_regions))
+    region_h = np.where(clear, 0.02, rng.uniform(0.03, 0.10, n_regions))
     membrane = np.exp(-((edge_px / (0.25 / px)) ** 2)) * rng.uniform(0.5, 1.0, n_regions)[region]
     fine = periodic_noise(rng, period_px, 1.2)
     blotch = periodic_noise(rng, period_px, 3.0 / px)
@@ -133,28 +135,70 @@ def _lacuna_stamps(rng: np.random.Generator, spec: DemoSpec, n: int) -> tuple[St
     return tuple(stamps)
 
 
-def _hspc_stamp(v: HspcVariants, i: int, chromatin: np.ndarray, blur_sigma_px: float) -> Stamp:
-    """Render design ``i``: a nucleus (dense, or open chromatin with a dark membrane) in a pale,
-    partly translucent cytoplasm rim."""
-    out = v.outline
-    half = int(np.ceil(out.r_max_px[i])) + STAMP_PAD_PX
-    dy, dx = _grid(half)
-    cell_edge = radius_at(np.arctan2(dy, dx), out.r0_px[i], out.amps[i], out.phases[i]) - np.hypot(dy, dx)
-    ny, nx = dy - v.nuc_dy_px[i], dx - v.nuc_dx_px[i]
-    cos, sin, aspect = np.cos(v.nuc_angle[i]), np.sin(v.nuc_angle[i]), v.nuc_aspect[i]
-    u, w = nx * cos + ny * sin, (-nx * sin + ny * cos) / aspect
-    nuc_radius = radius_at(np.arctan2(w, u), v.nuc_r0_px[i], v.nuc_amps[i], v.nuc_phases[i])
-    nuc_edge = (nuc_radius - np.hypot(u, w)) * aspect
+def _cell_pixels(
+    d: CellDesigns,
+    i: int,
+    dy: np.ndarray,
+    dx: np.ndarray,
+    chromatin: np.ndarray,
+    granules: np.ndarray,
+    foam: np.ndarray,
+) -> Stamp:
+    """Alpha and stain concentrations of object ``i`` on the grid of offsets ``(dy, dx)`` from its centre.
+
+    ``dy`` is a column and ``dx`` a row of offsets (both increasing); the textures have the grid's shape.
+    The nucleus is the union of the object's lobes; each lobe is evaluated only near itself.
+    """
+    out = d.outline
+    dist = np.hypot(dy, dx)
+    cell_edge = radius_at(np.arctan2(dy, dx), out.r0_px[i], out.amps[i], out.phases[i]) - dist
+    ys, xs = dy[:, 0], dx[0, :]
+    nuc_edge = np.full(cell_edge.shape, -1e3, np.float32)
+    for k in np.flatnonzero(d.lobe_valid[i]):
+        cy, cx, a, b = d.lobe_dy_px[i, k], d.lobe_dx_px[i, k], d.lobe_a_px[i, k], d.lobe_b_px[i, k]
+        reach = max(a, b) + 2.0
+        r0, r1 = np.searchsorted(ys, cy - reach), np.searchsorted(ys, cy + reach)
+        c0, c1 = np.searchsorted(xs, cx - reach), np.searchsorted(xs, cx + reach)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        ly, lx = ys[r0:r1, None] - cy, xs[None, c0:c1] - cx
+        cos, sin = np.cos(d.lobe_angle[i, k]), np.sin(d.lobe_angle[i, k])
+        rho = np.hypot((lx * cos + ly * sin) / a, (-lx * sin + ly * cos) / b)
+        np.maximum(nuc_edge[r0:r1, c0:c1], (1 - rho) * min(a, b), out=nuc_edge[r0:r1, c0:c1])
     a_nuc = np.clip(nuc_edge + 0.5, 0, 1)
-    tex = chromatin[: dy.shape[0], : dy.shape[1]]
-    if v.open_chromatin[i]:
-        nuc_h = v.nuc_h[i] * (1 + 0.35 * tex) + 0.55 * np.exp(-(((nuc_edge - 1.5) / 1.3) ** 2))
-    else:
-        nuc_h = v.nuc_h[i] * (1 + 0.15 * tex)
-    cyto_e = v.cyto_e[i] * (1 + 0.25 * np.roll(tex, 7, axis=0)) + 0.03 * np.exp(-((cell_edge / 1.5) ** 2))
-    c_h = v.cyto_h[i] + a_nuc * (nuc_h - v.cyto_h[i])
+    nuc_h = d.nuc_h[i] * (1 + d.chromatin[i] * chromatin)
+    if d.membrane[i] > 0:
+        nuc_h = nuc_h + d.membrane[i] * np.exp(-(((nuc_edge - 1.5) / 1.3) ** 2))
+    for k in np.flatnonzero(d.nucleolus_r_px[i] > 0):
+        r = np.hypot(dy - d.nucleolus_dy_px[i, k], dx - d.nucleolus_dx_px[i, k])
+        nuc_h = nuc_h + 0.55 * np.clip(d.nucleolus_r_px[i, k] - r + 0.5, 0, 1)
+    holes = 1 - d.foam[i] * foam if d.foam[i] > 0 else 1.0
+    cyto_e = d.cyto_e[i] * (1 + d.granules[i] * granules) * holes + 0.03 * np.exp(-((cell_edge / 1.5) ** 2))
+    cyto_h = d.cyto_h[i] * (1 + 0.5 * d.granules[i] * granules) * holes
+    c_h = cyto_h + a_nuc * (nuc_h - cyto_h)
     c_e = cyto_e + a_nuc * (0.2 - cyto_e)
-    return np.clip(cell_edge + 0.5, 0, 1).astype(np.float32), c_h.astype(np.float32), c_e.astype(np.float32)
+    opacity = d.cyto_opacity[i]
+    alpha = np.clip(cell_edge + 0.5, 0, 1) * (opacity + (1 - opacity) * a_nuc)
+    return alpha.astype(np.float32), c_h.astype(np.float32), c_e.astype(np.float32)
+
+
+def _small_stamp(
+    d: CellDesigns, i: int, banks: tuple[PeriodicBank, ...], offset: np.ndarray, blur: float
+) -> Stamp:
+    """Render small-cell design ``i`` as a square stamp centred on its middle pixel."""
+    half = int(np.ceil(d.outline.r_max_px[i])) + STAMP_PAD_PX
+    grid = np.arange(-half, half + 1, dtype=np.float32)
+    size = 2 * half + 1
+    tex = [bank.window(int(offset[0]), int(offset[1]), size, size) for bank in banks]
+    return _blur_stamp(*_cell_pixels(d, i, grid[:, None], grid[None, :], *tex), blur)
+
+
+def _chromatin_texture(rng: np.random.Generator, spec: DemoSpec, period_px: int) -> np.ndarray:
+    """Fine grain plus ~1 µm clumps of heterochromatin (zero mean, unit std)."""
+    fine = periodic_noise(rng, period_px, 1.3)
+    clumps = periodic_noise(rng, period_px, 0.45 / spec.pixel_size_um)
+    tex = 0.55 * fine + np.tanh(1.5 * clumps)
+    return ((tex - tex.mean()) / tex.std()).astype(np.float32)
 
 
 def build_banks(spec: DemoSpec, period_px: int = 1024) -> TextureBanks:
@@ -162,12 +206,16 @@ def build_banks(spec: DemoSpec, period_px: int = 1024) -> TextureBanks:
     rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 7919]))
     window = spec.tile_px
     stroma_h, stroma_e = _stroma_tiles(rng, spec, period_px)
-    chromatin = periodic_noise(rng, 512, 1.3)
-    variants = hspc_variants(rng, spec, spec.hspc_n_variants)
-    offsets = rng.integers(0, 512, (len(variants), 2))
+    chromatin = PeriodicBank(_chromatin_texture(rng, spec, 512), 512)
+    granules = PeriodicBank(periodic_noise(rng, 512, 0.8), 512)
+    # foamy cytoplasm: clear vacuoles where a smooth noise is high
+    foam_noise = periodic_noise(rng, 512, 0.5 / spec.pixel_size_um)
+    foam = PeriodicBank(np.clip(1.6 * foam_noise - 0.8, 0, 1).astype(np.float32), 512)
+    bank = small_cell_bank(rng, spec)
+    offsets = rng.integers(0, 512, (len(bank), 2))
     stamps = []
-    for i in range(len(variants)):
-        stamp = _hspc_stamp(variants, i, np.roll(chromatin, tuple(offsets[i]), (0, 1)), spec.blur_sigma_px)
+    for i in range(len(bank)):
+        stamp = _small_stamp(bank, i, (chromatin, granules, foam), offsets[i], spec.blur_sigma_px)
         stamps.append(tuple(tuple(orient_array(part, o) for part in stamp) for o in range(8)))
     # camera noise, with the +0.5 of round-to-nearest folded in
     noise = (
@@ -177,11 +225,12 @@ def build_banks(spec: DemoSpec, period_px: int = 1024) -> TextureBanks:
         stroma_h=PeriodicBank(stroma_h, window),
         stroma_e=PeriodicBank(stroma_e, window),
         lamella_jitter=PeriodicBank(periodic_noise(rng, 256, 6.0), window),
-        chromatin=PeriodicBank(chromatin, 512),
-        granules=PeriodicBank(periodic_noise(rng, 512, 0.8), 512),
+        chromatin=chromatin,
+        granules=granules,
+        foam=foam,
         camera_noise=PeriodicBank(noise + np.float32(0.5), window),
-        hspc=variants,
-        hspc_stamps=tuple(stamps),
+        small=bank,
+        small_stamps=tuple(stamps),
         rbc=_rbc_stamps(rng, spec, 12),
         lacunae=_lacuna_stamps(rng, spec, 12),
     )
@@ -224,38 +273,29 @@ class _Canvas:
         )
 
 
-def _mk_stamp(
-    cells: MkCells, i: int, banks: TextureBanks, offset: tuple[int, int], blur_sigma_px: float
+def _large_stamp(
+    objs: CellDesigns, i: int, banks: TextureBanks, offset: tuple[int, int], blur_sigma_px: float
 ) -> tuple[int, int, Stamp]:
-    """Granular pink cytoplasm with a denser rim around overlapping dark lobes, in a clear halo if any.
+    """One MK, osteoclast, nucleus cluster or piece of debris, in its clear halo if it has one.
 
-    Rendered whole (then clipped by the canvas) so that an MK split over tiles is identical in each.
+    Rendered whole (then clipped by the canvas) with textures taken at its absolute position, so that
+    an object split over tiles is identical in each.
     """
-    out = cells.outline
+    out = objs.outline
     cy, cx = float(out.y_px[i]), float(out.x_px[i])
-    halo = float(cells.halo_px[i])
+    halo = float(objs.halo_px[i])
     half = int(np.ceil(out.r_max_px[i] + halo)) + STAMP_PAD_PX
     top, left = int(np.floor(cy)) - half, int(np.floor(cx)) - half
     size = 2 * half + 2  # covers [cy - half - 1, cy + half + 1]
     dy = (np.arange(top, top + size, dtype=np.float32) - cy)[:, None]
     dx = (np.arange(left, left + size, dtype=np.float32) - cx)[None, :]
-    cell_edge = radius_at(np.arctan2(dy, dx), out.r0_px[i], out.amps[i], out.phases[i]) - np.hypot(dy, dx)
-    a_nuc = np.zeros(cell_edge.shape, np.float32)
-    for k in np.flatnonzero(cells.lobe_valid[i]):
-        ly, lx = dy - cells.lobe_dy_px[i, k], dx - cells.lobe_dx_px[i, k]
-        cos, sin = np.cos(cells.lobe_angle[i, k]), np.sin(cells.lobe_angle[i, k])
-        a, b = cells.lobe_a_px[i, k], cells.lobe_b_px[i, k]
-        rho = np.hypot((lx * cos + ly * sin) / a, (-lx * sin + ly * cos) / b)
-        np.maximum(a_nuc, np.clip((1 - rho) * b + 0.5, 0, 1), out=a_nuc)
-    granules = banks.granules.window(top + offset[0], left + offset[1], size, size)
-    chromatin = banks.chromatin.window(top + offset[0], left + offset[1], size, size)
-    cyto_e = cells.cyto_e[i] * (1 + 0.22 * granules) + 0.08 * np.exp(-((cell_edge / 4.0) ** 2))
-    cyto_h = 0.07 + 0.015 * granules
-    nuc_h = cells.nuc_h[i] * (1 + 0.25 * chromatin)
-    a_cell = np.clip(cell_edge + 0.5, 0, 1)
-    c_h = cyto_h + a_nuc * (nuc_h - cyto_h)
-    c_e = cyto_e + a_nuc * (0.22 - cyto_e)
+    tex = [
+        bank.window(top + offset[0], left + offset[1], size, size)
+        for bank in (banks.chromatin, banks.granules, banks.foam)
+    ]
+    a_cell, c_h, c_e = _cell_pixels(objs, i, dy, dx, *tex)
     if halo > 0:  # the halo is a clear (fat-like) ring the cell sits in
+        cell_edge = radius_at(np.arctan2(dy, dx), out.r0_px[i], out.amps[i], out.phases[i]) - np.hypot(dy, dx)
         a_halo = np.clip(cell_edge + halo + 0.5, 0, 1)
         c_h = FAT_HE[0] + a_cell * (c_h - FAT_HE[0])
         c_e = FAT_HE[1] + a_cell * (c_e - FAT_HE[1])
@@ -279,10 +319,10 @@ def _paint_discs(canvas: _Canvas, discs: Discs, stamps: tuple[Stamp, ...]) -> No
         canvas.stamp(int(round(discs.y_px[i])) - half, int(round(discs.x_px[i])) - half, stamp)
 
 
-def _paint_hspcs(canvas: _Canvas, cells: HspcCells, banks: TextureBanks) -> None:
-    pad = float(banks.hspc.outline.r_max_px.max()) + STAMP_PAD_PX + 2
+def _paint_small(canvas: _Canvas, cells: SmallCells, banks: TextureBanks) -> None:
+    pad = float(banks.small.outline.r_max_px.max()) + STAMP_PAD_PX + 2
     for i in _in_canvas(cells.y_px, cells.x_px, pad, canvas):
-        stamp = banks.hspc_stamps[cells.variant[i]][cells.orientation[i]]
+        stamp = banks.small_stamps[cells.variant[i]][cells.orientation[i]]
         half = stamp[0].shape[0] // 2
         canvas.stamp(int(cells.y_px[i]) - half, int(cells.x_px[i]) - half, stamp, float(cells.h_gain[i]))
 
@@ -413,11 +453,13 @@ def render_tile(
     if tissue_blocks:
         _paint_discs(canvas, scene.lacunae, banks.lacunae)
         _paint_discs(canvas, scene.rbc, banks.rbc)
-        mk = scene.mk.outline
-        for i in _in_canvas(mk.y_px, mk.x_px, mk.r_max_px + scene.mk.halo_px + STAMP_PAD_PX + 2, canvas):
-            top, left, stamp = _mk_stamp(scene.mk, int(i), banks, scene.bank_offset_yx, spec.blur_sigma_px)
+        large = scene.large.outline
+        for i in _in_canvas(large.y_px, large.x_px, scene.large.reach_px + STAMP_PAD_PX + 2, canvas):
+            top, left, stamp = _large_stamp(
+                scene.large, int(i), banks, scene.bank_offset_yx, spec.blur_sigma_px
+            )
             canvas.stamp(top, left, stamp)
-        _paint_hspcs(canvas, scene.hspc, banks)
+        _paint_small(canvas, scene.small, banks)
         for box in tissue_blocks:  # uneven eosin uptake across the section
             canvas.c_e[box] *= _upsample(scene.layout.eosin_gain, scene.layout.field_downsample, canvas, box)
     return _to_rgb(canvas, scene, banks, spec, rng, bgr)

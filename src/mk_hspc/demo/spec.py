@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bumped whenever the generator's output for a given spec changes, so old demo studies are rewritten.
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: typed confounders, lobulated MKs, chromatin texture
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,31 @@ class DemoSpec:
     trabeculae_per_mm2: float = 2.0
     trabecula_width_um: tuple[float, float] = (15.0, 60.0)
     trabecula_length_um: tuple[float, float] = (300.0, 1200.0)
-    # Cells (ground truth)
-    hspc_per_mm2: float = 4000.0
-    hspc_cluster_fraction: float = 0.3
+    # Targets (ground truth types "mk" and "hspc"; the group factors scale these two only)
+    hspc_per_mm2: float = 3000.0
+    hspc_cluster_fraction: float = 0.4
     hspc_n_variants: int = 400
-    hspc_nucleus_diameter_um: tuple[float, float] = (6.0, 9.0)
-    hspc_cytoplasm_rim_um: tuple[float, float] = (0.6, 1.5)
+    hspc_nucleus_diameter_um: tuple[float, float] = (5.5, 10.0)
+    hspc_cytoplasm_rim_um: tuple[float, float] = (0.6, 1.8)
     mk_per_mm2: float = 15.0
-    mk_area_um2: tuple[float, float] = (250.0, 1800.0)
+    mk_area_um2: tuple[float, float] = (200.0, 2000.0)
     max_overlap_fraction: float = 0.2
     mk_gap_um: float = 3.0
-    # Distractors (not in the ground truth)
+    # Confounders (in the ground truth with their own types, the same density in every group)
+    confounder_n_variants: int = 120  # stamp designs per small confounder type
+    lymphocyte_per_mm2: float = 500.0
+    lymphocyte_nucleus_diameter_um: tuple[float, float] = (4.5, 6.5)
+    erythroblast_per_mm2: float = 1000.0
+    erythroblast_diameter_um: tuple[float, float] = (7.0, 10.0)
+    erythroblast_island_fraction: float = 0.7  # the rest are scattered
+    granulocyte_per_mm2: float = 500.0
+    granulocyte_diameter_um: tuple[float, float] = (10.0, 13.5)
+    osteoclast_per_mm2: float = 3.0  # of marrow; they sit on bone surfaces
+    osteoclast_area_um2: tuple[float, float] = (200.0, 1500.0)
+    nucleus_cluster_per_mm2: float = 8.0
+    debris_per_mm2: float = 5.0
+    debris_area_um2: tuple[float, float] = (200.0, 2000.0)
+    # Background (not in the ground truth)
     rbc_per_mm2: float = 1500.0
     rbc_diameter_um: tuple[float, float] = (5.5, 7.0)
     stroma_cell_spacing_um: float = 5.5
@@ -112,9 +126,19 @@ class DemoSpec:
 
     @classmethod
     def small(cls) -> DemoSpec:
-        """A study for tests: 4 small slides (one per group) written in a few seconds, MKs made common."""
+        """A study for tests: 4 small slides (one per group) written in a few seconds, MKs and the MK-sized
+        confounders made common."""
         return cls(
-            n_slides=4, width_px=2400, height_px=2000, tile_px=1024, mk_per_mm2=80.0, hspc_n_variants=120
+            n_slides=4,
+            width_px=2400,
+            height_px=2000,
+            tile_px=1024,
+            mk_per_mm2=80.0,
+            hspc_n_variants=120,
+            confounder_n_variants=40,
+            osteoclast_per_mm2=40.0,
+            nucleus_cluster_per_mm2=60.0,
+            debris_per_mm2=40.0,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Layout of ``out_dir``::
 
     slides/<slide>.czi                 Bgr24 mosaic (one subblock set per generation tile), zstd
-    ground_truth/cells.parquet         one row per MK / HSPC with its true outline
+    ground_truth/cells.parquet         one row per object (targets and confounders) with its true type and outline
     ground_truth/tissue/<slide>.npz    boolean tissue mask at a stated downsample and origin
     slide_sheet.csv                    slide, group, sex, treatment
     demo_manifest.json                 the spec and the files written; a rerun with the same spec does nothing
@@ -34,12 +34,14 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mk_hspc.demo.cells import (
-    hspc_polygon_xy,
+    CELL_TYPES,
+    TARGET_TYPES,
     place_cells,
     place_discs,
     polygon_area_px2,
     polygon_centroid,
     polygon_xy,
+    small_cell_polygon_xy,
 )
 from mk_hspc.demo.layout import build_layout
 from mk_hspc.demo.render import SlideScene, TextureBanks, build_banks, render_tile
@@ -60,6 +62,7 @@ CELL_COLUMNS = [
     "bbox_w",
     "bbox_h",
     "polygon_xy",
+    "is_target",
 ]
 
 
@@ -100,11 +103,11 @@ def build_scene(spec: DemoSpec, index: int, banks: TextureBanks) -> SlideScene:
     """Draw one slide's anatomy and cells (deterministic for the spec's seed and the slide index)."""
     group = spec.groups[index % len(spec.groups)]
     layout = build_layout(_slide_rng(spec, index, 1), spec)
-    mk, hspc = place_cells(
+    large, small = place_cells(
         _slide_rng(spec, index, 2),
         spec,
         layout,
-        banks.hspc,
+        banks.small,
         group.mk_density_factor,
         group.hspc_density_factor,
     )
@@ -118,7 +121,7 @@ def build_scene(spec: DemoSpec, index: int, banks: TextureBanks) -> SlideScene:
     lacunae = place_discs(rng, layout, int(rng.poisson(600.0 * bone_mm2)), 6.0 / px, 12, "bone", px)
     gain_h, gain_e = 1.0 + spec.stain_strength_jitter * rng.uniform(-1, 1, 2)
     offset = tuple(int(v) for v in rng.integers(0, 1 << 16, 2))
-    return SlideScene(layout, mk, hspc, rbc, lacunae, float(gain_h), float(gain_e), offset)
+    return SlideScene(layout, large, small, rbc, lacunae, float(gain_h), float(gain_e), offset)
 
 
 def _truth_rows(
@@ -147,6 +150,7 @@ def _truth_rows(
                 "bbox_w": int(x1 - x0 + 1),
                 "bbox_h": int(y1 - y0 + 1),
                 "polygon_xy": np.round(xy.ravel(), 2).tolist(),
+                "is_target": cell_type in TARGET_TYPES,
             }
         )
     return rows
@@ -228,11 +232,16 @@ def _generate_slide(out_dir: Path, spec: DemoSpec, index: int, queue: Any = None
         slide=name,
     )
     px = spec.pixel_size_um
-    mk_polygons = [polygon_xy(scene.mk.outline, i, n_vertices=96) for i in range(len(scene.mk))]
-    hspc_polygons = [hspc_polygon_xy(banks.hspc, scene.hspc, i) for i in range(len(scene.hspc))]
-    return _truth_rows(mk_polygons, name, "mk", origin, px) + _truth_rows(
-        hspc_polygons, name, "hspc", origin, px
-    )
+    polygons: dict[str, list[np.ndarray]] = {cell_type: [] for cell_type in CELL_TYPES}
+    for i, cell_type in enumerate(scene.large.cell_type):
+        polygons[cell_type].append(polygon_xy(scene.large.outline, i, n_vertices=96))
+    small_types = scene.small.kind(banks.small)
+    for i in range(len(scene.small)):
+        polygons[CELL_TYPES[small_types[i]]].append(small_cell_polygon_xy(banks.small, scene.small, i))
+    rows: list[dict] = []
+    for cell_type in CELL_TYPES:  # targets first, then the confounders, each numbered from 0
+        rows += _truth_rows(polygons[cell_type], name, cell_type, origin, px)
+    return rows
 
 
 def _manifest(spec: DemoSpec) -> dict[str, Any]:
