@@ -68,6 +68,17 @@ def segmenter_points(segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_
     return np.stack([moments["centroid_x"], moments["centroid_y"]], axis=1)
 
 
+def segmenter_points_and_scores(
+    segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_um: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids ``(N, 2)`` as x, y and scores ``(N,)`` of the segmenter's detections."""
+    result = segmenter.segment(rgb, pixel_size_um)
+    if result.n_cells == 0:
+        return np.zeros((0, 2)), np.zeros(0)
+    moments = label_moments(result.labels, result.n_cells)
+    return np.stack([moments["centroid_x"], moments["centroid_y"]], axis=1), result.scores
+
+
 def log_points(
     rgb: np.ndarray,
     pixel_size_um: float,

@@ -18,7 +18,8 @@ from mk_hspc.demo import DemoSpec, make_demo_study
 from mk_hspc.models.evaluation import match_points_to_regions, scores_from_counts
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter, label_moments
 
-MIN_F1 = {"mk": 0.90, "hspc": 0.90}
+# Recall first at the default operating point: the segmenter proposes, labels and the classifier decide.
+MIN_RECALL = {"mk": 0.85, "hspc": 0.90}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,10 @@ def detected_points(labels: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_classical_segmenter_finds_the_demo_cells(demo_study) -> None:
     cells = pd.read_parquet(demo_study.cells_path)
-    segmenters = {"mk": ClassicalSegmenter(mode="mk", min_area_um2=200.0, max_area_um2=2000.0)}
-    segmenters["hspc"] = ClassicalSegmenter(mode="hspc")
+    segmenters = {"mk": ClassicalSegmenter(mode="mk"), "hspc": ClassicalSegmenter(mode="hspc")}
     counts = {mode: np.zeros(3, int) for mode in segmenters}
+    matched_scores: dict[str, list[float]] = {mode: [] for mode in segmenters}
+    unmatched_scores: dict[str, list[float]] = {mode: [] for mode in segmenters}
     for slide, path in sorted(demo_study.slide_paths.items()):
         with open_slide(path) as handle:
             (scene,) = handle.meta.scenes
@@ -59,12 +61,20 @@ def test_classical_segmenter_finds_the_demo_cells(demo_study) -> None:
             truth = cells[(cells["slide"] == slide) & (cells["cell_type"] == mode)]
             regions = truth_regions(truth, scene.x, scene.y, rgb.shape[:2])
             result = segmenter.segment(rgb, pixel_size_um)
-            tp, fp, fn, _ = match_points_to_regions(detected_points(result.labels), regions)
+            assert np.all((result.scores >= 0.0) & (result.scores <= 1.0))
+            tp, fp, fn, pairs = match_points_to_regions(detected_points(result.labels), regions)
             counts[mode] += (tp, fp, fn)
+            is_match = np.zeros(result.n_cells, bool)
+            is_match[pairs[:, 0]] = True
+            matched_scores[mode] += result.scores[is_match].tolist()
+            unmatched_scores[mode] += result.scores[~is_match].tolist()
     for mode, (tp, fp, fn) in counts.items():
         scores = scores_from_counts(int(tp), int(fp), int(fn))
         assert scores.n_true > 0
-        assert scores.f1 >= MIN_F1[mode], (mode, scores)
+        assert scores.recall >= MIN_RECALL[mode], (mode, scores)
+        # The score sorts: true cells score higher than false candidates on average.
+        if unmatched_scores[mode]:
+            assert np.mean(matched_scores[mode]) > np.mean(unmatched_scores[mode]), mode
 
 
 def test_demo_ground_truth_is_in_slide_pixels(demo_study) -> None:
