@@ -27,7 +27,8 @@ def label_means(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.nda
 
 
 def label_moments(labels: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
-    """Area, centroid and minor/major axis lengths (px) of labels ``1..n_labels`` from second moments.
+    """Area, centroid, central second moments (``myy``, ``mxx``, ``mxy``) and minor/major axis lengths (px)
+    of labels ``1..n_labels``.
 
     The axes are those of the ellipse with the same second moments (as ``skimage.measure.regionprops``),
     computed with ``bincount`` so that thousands of nuclei cost one pass over the image.
@@ -47,6 +48,9 @@ def label_moments(labels: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
         "area": area,
         "centroid_y": cy,
         "centroid_x": cx,
+        "myy": myy,
+        "mxx": mxx,
+        "mxy": mxy,
         "major": 4.0 * np.sqrt(np.maximum(half_trace + det_term, 0.0)),
         "minor": 4.0 * np.sqrt(np.maximum(half_trace - det_term, 0.0)),
     }

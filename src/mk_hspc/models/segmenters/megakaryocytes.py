@@ -234,6 +234,10 @@ def segment_megakaryocytes(
     height, width = maps.nuclei.shape
     margin = int(np.ceil((p.max_cytoplasm_um + p.ring_gap_um) / pixel_size_um)) + 2
     for k in range(1, len(boxes) + 1):
+        # The score is at most the ring fraction (solidity and closedness are <= 1): a candidate that
+        # cannot reach min_score is not measured at all (same result, most candidates skipped).
+        if maps.ring_fraction[k - 1] < p.min_score:
+            continue
         rows, cols = boxes[k - 1]
         box = (
             slice(max(rows.start - margin, 0), min(rows.stop + margin, height)),
