@@ -60,7 +60,7 @@ def test_gpu_env_switches_plugins_by_name_without_mixing_their_parameters() -> N
 def test_base_env_chooses_the_classical_plugins() -> None:
     segmenters, features = chosen_plugins(load_parameters()["segmentation"])
     assert {cell_type: dict(choice.params) for cell_type, choice in segmenters.items()} == {
-        "mk": {"mode": "mk", "min_area_um2": 200.0, "max_area_um2": 2000.0},
+        "mk": {"mode": "mk", "min_area_um2": 100.0, "max_area_um2": 2000.0},
         "hspc": {"mode": "hspc"},
     }
     assert [choice.name for choice in features] == ["morphology"]
