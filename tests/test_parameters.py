@@ -102,7 +102,7 @@ def test_build_plugins_builds_the_chosen_plugins_with_their_own_parameters() -> 
     segmentation["segmenters"]["hspc"]["name"] = "noop"
     segmenters, extractors = build_plugins(segmentation)
     assert [s.name for s in segmenters.values()] == ["classical", "noop"]
-    assert segmenters["mk"].mode == "mk" and segmenters["mk"].params.min_area_um2 == 200.0
+    assert segmenters["mk"].mode == "mk" and segmenters["mk"].params.min_area_um2 == 100.0
     assert [e.name for e in extractors] == ["morphology"]
 
 

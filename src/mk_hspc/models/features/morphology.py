@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 from skimage.measure import perimeter_crofton
 
-from mk_hspc.models.segmenters.label_measures import label_moments
+from mk_hspc.models.segmenters.label_measures import pixel_moments
 from mk_hspc.models.stain import optical_density, tile_stain_vectors, unmix
 
 PREFIX = "morphology_"
@@ -83,15 +82,24 @@ class MorphologyFeatures:
         wanted = np.zeros(max_label + 1, bool)
         wanted[cell_labels[(cell_labels > 0) & (cell_labels <= max_label)]] = True
         wanted[0] = False
-        subset = np.where(wanted[labels], labels, 0).astype(np.int32, copy=False)
-        table = self._measure(tile_rgb, subset, pixel_size_um)
+        # One pass over the tile: every later step works on the wanted cells' pixel lists and crops.
+        rows, cols = np.nonzero(labels)
+        lab = labels[rows, cols]
+        keep = wanted[lab]
+        pixels = (rows[keep], cols[keep], lab[keep].astype(np.int64))
+        table = self._measure(tile_rgb, labels, pixels, pixel_size_um)
         frame = pd.DataFrame(table).set_index("label").reindex(cell_labels)
         return frame.astype(np.float32).set_axis(columns, axis=1).reset_index(drop=True)
 
     @staticmethod
-    def _measure(tile_rgb: np.ndarray, labels: np.ndarray, pixel_size_um: float) -> dict[str, np.ndarray]:
-        """Feature arrays keyed by unprefixed name, plus ``label``."""
-        shape = measure_shapes(labels)
+    def _measure(
+        tile_rgb: np.ndarray,
+        labels: np.ndarray,
+        pixels: tuple[np.ndarray, np.ndarray, np.ndarray],
+        pixel_size_um: float,
+    ) -> dict[str, np.ndarray]:
+        """Feature arrays keyed by unprefixed name, plus ``label``, of the cells whose ``pixels`` are given."""
+        shape = measure_shapes(labels, pixels)
         px = float(pixel_size_um)
         area, perimeter = shape["area"], shape["perimeter"]
         major, minor = shape["major"], shape["minor"]
@@ -114,11 +122,13 @@ class MorphologyFeatures:
             "circularity": circularity,
             "orientation_rad": shape["orientation"],
         }
-        table.update(_channel_statistics(tile_rgb, labels, shape["label"]))
+        table.update(_channel_statistics(tile_rgb, pixels, shape["label"]))
         return {"label": table["label"], **{name: table[name] for name in FEATURE_NAMES}}
 
 
-def measure_shapes(labels: np.ndarray) -> dict[str, np.ndarray]:
+def measure_shapes(
+    labels: np.ndarray, pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Shape measurements (pixels) of every label present, in label order, without ``regionprops``.
 
     Moments, axes, eccentricity, orientation, bounding boxes and Crofton perimeters equal
@@ -129,7 +139,11 @@ def measure_shapes(labels: np.ndarray) -> dict[str, np.ndarray]:
     rasterises the hull and traces it again, 40 % of the feature time; the two agree within a few per cent
     for cells of more than ~20 pixels (``tests/test_morphology.py`` states the tolerance).
     """
-    present = np.flatnonzero(np.bincount(labels.ravel())[1:]) + 1
+    if pixels is None:
+        rows, cols = np.nonzero(labels)
+        pixels = (rows, cols, labels[rows, cols].astype(np.int64))
+    rows, cols, lab = pixels
+    present = np.flatnonzero(np.bincount(lab)[1:]) + 1 if len(lab) else np.zeros(0, np.int64)
     n_max = int(present[-1]) if len(present) else 0
     out: dict[str, np.ndarray] = {"label": present}
     if n_max == 0:
@@ -146,7 +160,7 @@ def measure_shapes(labels: np.ndarray) -> dict[str, np.ndarray]:
         ):
             out[key] = np.zeros(0)
         return out
-    moments = label_moments(labels, n_max)
+    moments = pixel_moments(rows, cols, lab, n_max)
     index = present - 1
     myy, mxx, mxy = moments["myy"][index], moments["mxx"][index], moments["mxy"][index]
     half_trace, det_term = (myy + mxx) / 2.0, np.sqrt(((myy - mxx) / 2.0) ** 2 + mxy**2)
@@ -157,15 +171,22 @@ def measure_shapes(labels: np.ndarray) -> dict[str, np.ndarray]:
     orientation = np.where(
         mxx == myy, np.where(mxy > 0, np.pi / 4.0, -np.pi / 4.0), 0.5 * np.arctan2(2.0 * mxy, myy - mxx)
     )
-    boxes = ndi.find_objects(labels)
+    # Bounding boxes of the measured cells from their pixels (not a pass over the tile).
+    top = np.full(n_max + 1, labels.shape[0])
+    left = np.full(n_max + 1, labels.shape[1])
+    bottom = np.zeros(n_max + 1, np.int64)
+    right = np.zeros(n_max + 1, np.int64)
+    np.minimum.at(top, lab, rows)
+    np.minimum.at(left, lab, cols)
+    np.maximum.at(bottom, lab, rows)
+    np.maximum.at(right, lab, cols)
     perimeter = np.zeros(len(present))
     area_convex = np.zeros(len(present))
     feret = np.zeros(len(present))
     bbox_area = np.zeros(len(present))
     area = moments["area"][index]
     for i, k in enumerate(present):
-        box = boxes[k - 1]
-        cell = labels[box] == k
+        cell = labels[top[k] : bottom[k] + 1, left[k] : right[k] + 1] == k
         bbox_area[i] = cell.size
         perimeter[i] = perimeter_crofton(cell, 4)
         hull_area, feret[i] = _edge_midpoint_hull(cell)
@@ -217,21 +238,20 @@ def _edge_midpoint_hull(cell: np.ndarray) -> tuple[float, float]:
 
 
 def _channel_statistics(
-    tile_rgb: np.ndarray, labels: np.ndarray, wanted: np.ndarray
+    tile_rgb: np.ndarray, pixels: tuple[np.ndarray, np.ndarray, np.ndarray], wanted: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Mean and standard deviation of R, G, B, haematoxylin and eosin per label in ``wanted``.
 
     Only the labelled pixels are unmixed (cells cover a small part of a tile); the stain vectors are
     estimated from the whole tile, as the segmenter does.
     """
-    rows, cols = np.nonzero(labels)
+    rows, cols, index = pixels
     if len(rows) == 0:
         return {f"{channel}_{stat}": np.zeros(0) for channel in _CHANNELS for stat in ("mean", "std")}
     vectors, _ = tile_stain_vectors(tile_rgb)
     rgb = tile_rgb[rows, cols]
     stains = unmix(optical_density(rgb), vectors)
     channels = np.concatenate([rgb.astype(np.float64), stains.astype(np.float64)], axis=1)
-    index = labels[rows, cols]
     size = int(wanted.max()) + 1
     count = np.maximum(np.bincount(index, minlength=size)[wanted], 1)
     statistics = {}

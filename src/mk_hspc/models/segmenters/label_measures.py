@@ -34,7 +34,13 @@ def label_moments(labels: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
     computed with ``bincount`` so that thousands of nuclei cost one pass over the image.
     """
     rows, cols = np.nonzero(labels)
-    lab = labels[rows, cols]
+    return pixel_moments(rows, cols, labels[rows, cols], n_labels)
+
+
+def pixel_moments(
+    rows: np.ndarray, cols: np.ndarray, lab: np.ndarray, n_labels: int
+) -> dict[str, np.ndarray]:
+    """:func:`label_moments` of labelled pixels given as coordinate lists (``lab`` in ``1..n_labels``)."""
     area = np.bincount(lab, minlength=n_labels + 1)[1:].astype(np.float64)
     safe = np.maximum(area, 1.0)
     cy = np.bincount(lab, weights=rows, minlength=n_labels + 1)[1:] / safe
