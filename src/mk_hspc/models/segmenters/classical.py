@@ -108,14 +108,13 @@ class ClassicalSegmenter:
         else:
             labels, scores = self._segment_hspc(tile_rgb, pixel_size_um)
             factor = working_factor(pixel_size_um, self.params.working_pixel_size_um)
+        # Binning pads to ceil(H / factor) rows, so every binned pixel keeps at least one tile pixel and no
+        # label can vanish when cropped; checked on the binned labels (1 / factor² of the tile's pixels).
+        if labels.shape != tuple(-(-n // factor) for n in shape):
+            raise ValueError(f"binned labels {labels.shape} do not cover the tile {shape} at factor {factor}")
         full = unbin_labels(labels, factor, shape)
         if not full.flags.writeable:  # the memoised MK pass at factor 1: hand out a copy
             full = full.copy()
-        # A label living only in the binning pad vanishes when cropped: renumber what is left.
-        present = np.bincount(full.ravel(), minlength=len(scores) + 1) > 0
-        if not present[1:].all():
-            full = keep_labels(full, present[1:])
-            scores = scores[present[1:]]
         return Segmentation(labels=full.astype(np.int32, copy=False), scores=scores.astype(np.float32))
 
     def _segment_mk(self, tile_rgb: np.ndarray, pixel_size_um: float) -> tuple[np.ndarray, np.ndarray]:
