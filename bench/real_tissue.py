@@ -15,6 +15,7 @@ generalisation checks):
 * **Off-domain nuclei**: the MICCAI 2015 nuclei-challenge tiles (non-marrow H&E, each at the pixel size of
   its objective: 20x = 0.5 µm/px, 40x = 0.25 µm/px), a detection counts when its centroid falls in a true
   nucleus, once (:func:`mk_hspc.models.evaluation.match_points_to_regions`).
+* **Demo**: recall per ground-truth type on the embedded demo study (either mode's candidate counts).
 * **Speed** of the classical MK + nucleus + morphology path on one 3000 x 3000 px tile (BM_GRAZ upsampled
   2x and stitched, about the Axioscan's 0.175 µm/px), on one core: run it as
   ``taskset -c 0 python bench/real_tissue.py``; the JSON records the affinity, the load average before and
@@ -316,6 +317,56 @@ def speed_block(images: list[BmGrazImage], params: dict[str, dict], repeats: int
     }
 
 
+def demo_block(params: dict[str, dict]) -> dict:
+    """Recall per ground-truth type on the embedded demo study (spec ``small``) at the default operating point.
+
+    A true cell is found when a candidate's centroid falls inside its outline, by either mode (so a
+    confounder found as an MK or a nucleus candidate counts as "kept as a candidate"). Types come from the
+    ground truth's ``type`` column where the demo writes one, else from its ``cell_type``.
+    """
+    import tempfile
+
+    import pandas as pd
+    from skimage.draw import polygon
+
+    from mk_hspc.czi import open_slide
+    from mk_hspc.demo import DemoSpec, make_demo_study
+
+    segmenters = {cell_type: ClassicalSegmenter(**p) for cell_type, p in params.items()}
+    found_by_type: dict[str, list[bool]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        study = make_demo_study(Path(folder), DemoSpec.small(), progress=False, n_workers=1)
+        cells = pd.read_parquet(study.cells_path)
+        type_column = "type" if "type" in cells.columns else "cell_type"
+        for slide, path in sorted(study.slide_paths.items()):
+            with open_slide(path) as handle:
+                (scene,) = handle.meta.scenes
+                rgb = handle.read_region(scene.x, scene.y, scene.w, scene.h)
+                pixel_size_um = handle.meta.pixel_size_um
+            truth = cells[cells["slide"] == slide].reset_index(drop=True)
+            regions = np.zeros(rgb.shape[:2], np.int32)
+            for index, flat in enumerate(truth["polygon_xy"], start=1):
+                xy = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+                rr, cc = polygon(xy[:, 1] - scene.y, xy[:, 0] - scene.x, rgb.shape[:2])
+                regions[rr, cc] = index
+            found = np.zeros(len(truth) + 1, bool)
+            by_mode = {}
+            for cell_type, segmenter in segmenters.items():
+                _, xy, _ = candidates(segmenter, rgb, pixel_size_um)
+                _, _, _, pairs = match_points_to_regions(xy, regions)
+                found[pairs[:, 1] + 1] = True
+                by_mode[cell_type] = int(len(xy))
+            for kind, hit in zip(truth[type_column], found[1:], strict=True):
+                found_by_type.setdefault(str(kind), []).append(bool(hit))
+    return {
+        "type_column": type_column,
+        "recall_by_type": {
+            kind: round(float(np.mean(hits)), 4) for kind, hits in sorted(found_by_type.items())
+        },
+        "n_by_type": {kind: len(hits) for kind, hits in sorted(found_by_type.items())},
+    }
+
+
 def run(shared: Path, repeats: int) -> dict:
     params = default_classical_params()
     bm_graz = load_bm_graz(shared / "MICCAI2015_bone_marrow" / "BM_GRAZ")
@@ -326,6 +377,7 @@ def run(shared: Path, repeats: int) -> dict:
     challenge = load_challenge(shared / "MICCAI2015_nuclei_seg_challenge")
     offdomain = offdomain_block(challenge, params["hspc"])
     speed = speed_block(bm_graz, params, repeats)
+    demo = demo_block(params)
     base = nucleus["1.0"]
     f1_default = base["default"]["f1_mean"]
     return {
@@ -348,7 +400,9 @@ def run(shared: Path, repeats: int) -> dict:
         "offdomain_nucleus_recall_mean": offdomain["offdomain_nucleus_recall_mean"],
         "offdomain_nucleus_precision_mean": offdomain["offdomain_nucleus_precision_mean"],
         "classical_tiles_per_s_per_core": speed["classical_tiles_per_s_per_core"],
+        "demo_recall_by_type": demo["recall_by_type"],
         "default_params": params,
+        "demo": demo,
         "mk": mk,
         "nucleus": nucleus,
         "offdomain": offdomain,
