@@ -14,6 +14,7 @@ from mk_hspc.models import Segmenter, create_segmenter
 from mk_hspc.models.segmenters.classical import (
     ClassicalSegmenter,
     HspcParams,
+    MkParams,
     bin_rgb,
     keep_labels,
     label_moments,
@@ -363,3 +364,17 @@ def test_nucleus_score_is_relative_to_the_tile_so_a_wrong_pixel_size_moves_littl
 def test_segmenter_exposes_its_area_bound_for_the_overlap_check() -> None:
     assert ClassicalSegmenter(mode="mk", max_area_um2=1500.0).max_area_um2 == 1500.0
     assert ClassicalSegmenter(mode="hspc").max_area_um2 == HspcParams().max_area_um2
+
+
+def test_mk_candidates_below_the_operating_point_are_scored_not_hidden() -> None:
+    # At min_score 0 the small cells among pink background are candidates too, each scored well below
+    # the megakaryocyte: the default operating point, not a hard rule, keeps them out.
+    scene, (cx, cy) = mk_scene()
+    everything = ClassicalSegmenter(mode="mk", min_score=0.0).segment(scene.rgb(), PIXEL_SIZE_UM)
+    found = centroids_um(everything.labels, PIXEL_SIZE_UM)
+    best = int(np.argmax(everything.scores))
+    assert everything.n_cells > 1
+    assert np.hypot(found[best, 0] - cx, found[best, 1] - cy) < 3.0
+    others = np.delete(everything.scores, best)
+    assert others.max() < everything.scores[best] - 0.1
+    assert everything.scores[best] >= MkParams().min_score > others.max()
