@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/tissue_bench.py
 	$(PY) bench/segmentation_node_bench.py
 	$(PY) bench/bm_graz.py ../shared/data/MICCAI2015_bone_marrow/BM_GRAZ bench/results/bm_graz.json
+	taskset -c 0 $(PY) bench/real_tissue.py
 	$(PY) bench/gpu_bench.py
 	$(PY) bench/tile_edges.py
 	$(PY) bench/faults.py

@@ -11,7 +11,10 @@ import pytest
 from mk_hspc.models.evaluation import detection_scores, match_points, match_points_to_regions
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bm_graz.py"
-# The issue's must-show on the 7 BM_GRAZ images at their native scale, 16 px gate.
+# Issue 8's must-show on the 7 BM_GRAZ images at their native scale, 16 px gate: recall first at the
+# default operating point, and F1 at the best min_score.
+MIN_DEFAULT_RECALL = 0.92
+MIN_DEFAULT_PRECISION = 0.75
 MIN_MEAN_F1 = 0.87
 MIN_IMAGE_F1 = 0.83
 
@@ -73,24 +76,33 @@ def test_region_matching_counts_split_cells_as_false_positives() -> None:
 
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_classical_hspc_reaches_the_f1_target_on_bm_graz(shared_data: Path) -> None:
+def test_classical_hspc_is_recall_first_and_reaches_the_f1_target_on_bm_graz(shared_data: Path) -> None:
     image_dir = shared_data / "MICCAI2015_bone_marrow" / "BM_GRAZ"
     if not image_dir.is_dir():
         pytest.skip(f"{image_dir} is absent")
     bench = load_bench()
     dataset = bench.load_dataset(image_dir)
     assert len(dataset) == 7
-    segmenter = bench.ClassicalSegmenter(mode="hspc")
-    px = bench.DEFAULT_PIXEL_SIZE_UM
-    result = bench.score_detector(
-        dataset, lambda rgb: bench.segmenter_points(segmenter, rgb, px), bench.DEFAULT_MATCH_RADIUS_PX
-    )
-    baseline = bench.score_detector(
-        dataset, lambda rgb: bench.log_points(rgb, px), bench.DEFAULT_MATCH_RADIUS_PX
-    )
-    per_image = {row["image"]: row["f1"] for row in result["per_image"]}
-    assert result["mean_f1"] >= MIN_MEAN_F1, per_image
-    assert result["min_f1"] >= MIN_IMAGE_F1, per_image
+    default_min_score = bench.ClassicalSegmenter(mode="hspc").params.min_score
+    # Every candidate once, with its score; min_score only thresholds it (checked in test_classical).
+    segmenter = bench.ClassicalSegmenter(mode="hspc", min_score=0.0)
+    px, radius = bench.DEFAULT_PIXEL_SIZE_UM, bench.DEFAULT_MATCH_RADIUS_PX
+    candidates = [bench.segmenter_points_and_scores(segmenter, rgb, px) for _, rgb, _ in dataset]
+
+    def at(min_score: float) -> list:
+        return [
+            detection_scores(xy[scores >= min_score], dots, radius)
+            for (xy, scores), (_, _, dots) in zip(candidates, dataset, strict=True)
+        ]
+
+    default = at(default_min_score)
+    assert np.mean([s.recall for s in default]) >= MIN_DEFAULT_RECALL, [s.recall for s in default]
+    assert np.mean([s.precision for s in default]) >= MIN_DEFAULT_PRECISION, [s.precision for s in default]
+    best = max((at(t) for t in np.arange(0.0, 0.96, 0.05)), key=lambda rows: np.mean([r.f1 for r in rows]))
+    f1 = [r.f1 for r in best]
+    assert np.mean(f1) >= MIN_MEAN_F1, f1
+    assert min(f1) >= MIN_IMAGE_F1, f1
     # The segmenter must earn its complexity: better than a plain LoG peak detector on every image.
-    for ours, log in zip(result["per_image"], baseline["per_image"], strict=True):
-        assert ours["f1"] > log["f1"], (ours, log)
+    baseline = bench.score_detector(dataset, lambda rgb: bench.log_points(rgb, px), radius)
+    for ours, log in zip(f1, baseline["per_image"], strict=True):
+        assert ours > log["f1"], (ours, log)

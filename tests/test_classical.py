@@ -14,6 +14,7 @@ from mk_hspc.models import Segmenter, create_segmenter
 from mk_hspc.models.segmenters.classical import (
     ClassicalSegmenter,
     HspcParams,
+    MkParams,
     bin_rgb,
     keep_labels,
     label_moments,
@@ -325,3 +326,55 @@ def test_mk_pass_is_computed_once_per_tile_and_shared(monkeypatch: pytest.Monkey
     np.testing.assert_array_equal(
         classical.ClassicalSegmenter(mode="hspc").segment(tile, 0.35).labels, reference
     )
+
+
+@pytest.mark.parametrize("mode", ["hspc", "mk"])
+def test_scores_are_in_unit_interval_and_min_score_only_thresholds_them(mode: str) -> None:
+    rgb = (mk_scene()[0] if mode == "mk" else hspc_scene(PIXEL_SIZE_UM)[0]).rgb()
+    everything = ClassicalSegmenter(mode=mode, min_score=0.0).segment(rgb, PIXEL_SIZE_UM)
+    assert everything.n_cells >= 1
+    assert np.all((everything.scores >= 0.0) & (everything.scores <= 1.0))
+    previous = everything.n_cells + 1
+    # Thresholds between the candidates' scores, so that each step drops some of them.
+    cuts = np.unique(np.round(everything.scores, 4))
+    for min_score in [0.0, *((cuts[:-1] + cuts[1:]) / 2)[:: max(1, len(cuts) // 3)], 0.999]:
+        kept = ClassicalSegmenter(mode=mode, min_score=min_score).segment(rgb, PIXEL_SIZE_UM)
+        assert np.all(kept.scores >= min_score)
+        # The same candidates, minus those below the operating point: the score does not depend on it.
+        expected = np.sort(everything.scores[everything.scores >= min_score])
+        np.testing.assert_allclose(np.sort(kept.scores), expected, rtol=1e-6)
+        assert kept.n_cells <= previous
+        previous = kept.n_cells
+
+
+def test_nucleus_score_is_relative_to_the_tile_so_a_wrong_pixel_size_moves_little() -> None:
+    scene, _ = hspc_scene(PIXEL_SIZE_UM)
+    rgb = scene.rgb()
+    scores = [
+        # Eleven nuclei: trust the tile's own median (a real tile has hundreds).
+        np.sort(
+            ClassicalSegmenter(mode="hspc", min_score=0.0, reference_min_candidates=5).segment(rgb, px).scores
+        )
+        for px in (0.85 * PIXEL_SIZE_UM, PIXEL_SIZE_UM, 1.15 * PIXEL_SIZE_UM)
+    ]
+    assert len({len(s) for s in scores}) == 1
+    assert max(np.abs(s - scores[1]).max() for s in scores) < 0.1
+
+
+def test_segmenter_exposes_its_area_bound_for_the_overlap_check() -> None:
+    assert ClassicalSegmenter(mode="mk", max_area_um2=1500.0).max_area_um2 == 1500.0
+    assert ClassicalSegmenter(mode="hspc").max_area_um2 == HspcParams().max_area_um2
+
+
+def test_mk_candidates_below_the_operating_point_are_scored_not_hidden() -> None:
+    # At min_score 0 the small cells among pink background are candidates too, each scored well below
+    # the megakaryocyte: the default operating point, not a hard rule, keeps them out.
+    scene, (cx, cy) = mk_scene()
+    everything = ClassicalSegmenter(mode="mk", min_score=0.0).segment(scene.rgb(), PIXEL_SIZE_UM)
+    found = centroids_um(everything.labels, PIXEL_SIZE_UM)
+    best = int(np.argmax(everything.scores))
+    assert everything.n_cells > 1
+    assert np.hypot(found[best, 0] - cx, found[best, 1] - cy) < 3.0
+    others = np.delete(everything.scores, best)
+    assert others.max() < everything.scores[best] - 0.1
+    assert everything.scores[best] >= MkParams().min_score > others.max()

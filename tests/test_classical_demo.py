@@ -18,14 +18,8 @@ from mk_hspc.demo import DemoSpec, make_demo_study
 from mk_hspc.models.evaluation import match_points_to_regions, scores_from_counts
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter, label_moments
 
-# Lowered from 0.90 / 0.90 when the demo got typed confounders and real MK morphology (demo generator 2).
-# Measured on DemoSpec.small() with the classical segmenter of that commit: mk F1 0.824 (14 of 19 MKs found,
-# the misses among the young and the widely lobulated ones; 1 false candidate, on an osteoclast);
-# hspc F1 0.779 (recall 0.979, precision 0.646: the nucleus mode rightly also finds lymphocytes,
-# erythroblasts and granulocytes, which the ground truth now types as confounders, not as "hspc"; against
-# all four small nucleated types together it scores precision 0.974, recall 0.896).
-# The demo is a smoke test of the pipeline, not the quality test: real images decide (bench/bm_graz.py).
-MIN_F1 = {"mk": 0.75, "hspc": 0.72}
+# Recall first at the default operating point: the segmenter proposes, labels and the classifier decide.
+MIN_RECALL = {"mk": 0.85, "hspc": 0.90}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +48,10 @@ def detected_points(labels: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_classical_segmenter_finds_the_demo_cells(demo_study) -> None:
     cells = pd.read_parquet(demo_study.cells_path)
-    segmenters = {"mk": ClassicalSegmenter(mode="mk", min_area_um2=200.0, max_area_um2=2000.0)}
-    segmenters["hspc"] = ClassicalSegmenter(mode="hspc")
+    segmenters = {"mk": ClassicalSegmenter(mode="mk"), "hspc": ClassicalSegmenter(mode="hspc")}
     counts = {mode: np.zeros(3, int) for mode in segmenters}
+    matched_scores: dict[str, list[float]] = {mode: [] for mode in segmenters}
+    unmatched_scores: dict[str, list[float]] = {mode: [] for mode in segmenters}
     for slide, path in sorted(demo_study.slide_paths.items()):
         with open_slide(path) as handle:
             (scene,) = handle.meta.scenes
@@ -66,12 +61,20 @@ def test_classical_segmenter_finds_the_demo_cells(demo_study) -> None:
             truth = cells[(cells["slide"] == slide) & (cells["cell_type"] == mode)]
             regions = truth_regions(truth, scene.x, scene.y, rgb.shape[:2])
             result = segmenter.segment(rgb, pixel_size_um)
-            tp, fp, fn, _ = match_points_to_regions(detected_points(result.labels), regions)
+            assert np.all((result.scores >= 0.0) & (result.scores <= 1.0))
+            tp, fp, fn, pairs = match_points_to_regions(detected_points(result.labels), regions)
             counts[mode] += (tp, fp, fn)
+            is_match = np.zeros(result.n_cells, bool)
+            is_match[pairs[:, 0]] = True
+            matched_scores[mode] += result.scores[is_match].tolist()
+            unmatched_scores[mode] += result.scores[~is_match].tolist()
     for mode, (tp, fp, fn) in counts.items():
         scores = scores_from_counts(int(tp), int(fp), int(fn))
         assert scores.n_true > 0
-        assert scores.f1 >= MIN_F1[mode], (mode, scores)
+        assert scores.recall >= MIN_RECALL[mode], (mode, scores)
+    # The MK score sorts: true MKs score higher than the false candidates on average. (The demo gives the
+    # nucleus mode too few false candidates, four, to compare; BM_GRAZ measures its curve.)
+    assert np.mean(matched_scores["mk"]) > np.mean(unmatched_scores["mk"])
 
 
 def test_demo_ground_truth_is_in_slide_pixels(demo_study) -> None:

@@ -39,7 +39,11 @@ def test_counts_and_densities_per_slide_and_group(tile_sample: pd.DataFrame) -> 
     assert counts.loc[("a", "hspc"), "sampled_tissue_mm2"] == pytest.approx(0.125)  # core area x core tissue
     assert counts.loc[("b", "hspc"), "density_per_mm2"] == pytest.approx(3 / 0.25)
     assert counts.loc[("b", "hspc"), "group"] == "M_treated"
-    assert len(cell_counts_figure(counts.reset_index()).axes) == 2
+    figure = cell_counts_figure(counts.reset_index())
+    assert len(figure.axes) == 2
+    # Honest names: before classification the `hspc` type is nucleus candidates, not HSPCs.
+    titles = sorted(ax.get_title() for ax in figure.axes)
+    assert titles[0].startswith("MK candidates") and titles[1].startswith("Nucleus candidates (HSPC after")
 
 
 def test_every_slide_and_configured_type_has_a_row_even_with_no_cells(tile_sample: pd.DataFrame) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage as ndi
 from skimage.draw import disk, ellipse
+from skimage.measure import label, regionprops_table
 
 from mk_hspc.models import FeatureExtractor, create_feature_extractor
-from mk_hspc.models.features.morphology import MorphologyFeatures, morphology_columns
+from mk_hspc.models.features.morphology import MorphologyFeatures, measure_shapes, morphology_columns
 
 RADIUS_PX = 30
 
@@ -113,3 +115,36 @@ def test_plugin_is_registered_and_checks_its_inputs() -> None:
         extractor.extract(tile, labels, np.array([3]), 0.0)
     with pytest.raises(ValueError, match="differ"):
         extractor.extract(tile[:100], labels, np.array([3]), 1.0)
+
+
+def test_shapes_equal_regionprops_and_the_hull_is_within_its_stated_tolerance() -> None:
+    # Random blobs of every shape; measure_shapes replaces regionprops_table for speed.
+    rng = np.random.default_rng(0)
+    labels = label(ndi.gaussian_filter(rng.normal(size=(300, 300)), 4) > 0.02).astype(np.int32)
+    props = regionprops_table(
+        labels,
+        properties=(
+            "label", "area", "perimeter_crofton", "axis_major_length", "axis_minor_length",
+            "eccentricity", "orientation", "extent", "area_convex", "feret_diameter_max",
+        ),
+    )  # fmt: skip
+    shapes = measure_shapes(labels)
+    assert len(props["label"]) > 30
+    np.testing.assert_array_equal(shapes["label"], props["label"])
+    exact = {
+        "area": "area",
+        "perimeter": "perimeter_crofton",
+        "major": "axis_major_length",
+        "minor": "axis_minor_length",
+        "eccentricity": "eccentricity",
+        "orientation": "orientation",
+    }
+    for ours, theirs in exact.items():
+        np.testing.assert_allclose(shapes[ours], props[theirs], rtol=1e-9, atol=1e-9, err_msg=ours)
+    np.testing.assert_allclose(shapes["area"] / shapes["bbox_area"], props["extent"], rtol=1e-12)
+    # The hull: polygon of pixel-edge midpoints instead of a rasterised hull.
+    big = props["area"] >= 20
+    convex_error = np.abs(shapes["area_convex"] - props["area_convex"]) / props["area_convex"]
+    assert convex_error[big].max() <= 0.08 and np.median(convex_error[big]) <= 0.02
+    assert np.all(shapes["area_convex"] >= shapes["area"])
+    assert np.abs(shapes["feret"] - props["feret_diameter_max"]).max() <= 1.0

@@ -60,7 +60,7 @@ def test_gpu_env_switches_plugins_by_name_without_mixing_their_parameters() -> N
 def test_base_env_chooses_the_classical_plugins() -> None:
     segmenters, features = chosen_plugins(load_parameters()["segmentation"])
     assert {cell_type: dict(choice.params) for cell_type, choice in segmenters.items()} == {
-        "mk": {"mode": "mk", "min_area_um2": 200.0, "max_area_um2": 2000.0},
+        "mk": {"mode": "mk", "min_area_um2": 100.0, "max_area_um2": 2000.0},
         "hspc": {"mode": "hspc"},
     }
     assert [choice.name for choice in features] == ["morphology"]
@@ -102,7 +102,7 @@ def test_build_plugins_builds_the_chosen_plugins_with_their_own_parameters() -> 
     segmentation["segmenters"]["hspc"]["name"] = "noop"
     segmenters, extractors = build_plugins(segmentation)
     assert [s.name for s in segmenters.values()] == ["classical", "noop"]
-    assert segmenters["mk"].mode == "mk" and segmenters["mk"].params.min_area_um2 == 200.0
+    assert segmenters["mk"].mode == "mk" and segmenters["mk"].params.min_area_um2 == 100.0
     assert [e.name for e in extractors] == ["morphology"]
 
 

@@ -80,6 +80,14 @@ def count_cells(
     ]
 
 
+# What the segmenters' cell types are before classification: the `hspc` key (kept: cell ids use it)
+# holds nucleus candidates of every small haematopoietic cell; HSPCs are the ones the classifier keeps.
+CELL_TYPE_TITLES = {
+    "mk": "MK candidates",
+    "hspc": "Nucleus candidates (HSPC after classification)",
+}
+
+
 def cell_counts_figure(counts: pd.DataFrame) -> Figure:
     """Density per slide for each cell type, slides ordered and coloured by group."""
     cell_types = sorted(counts["cell_type"].unique())
@@ -91,7 +99,7 @@ def cell_counts_figure(counts: pd.DataFrame) -> Figure:
     for ax, cell_type in zip(axes[0], cell_types, strict=False):
         rows = counts[counts["cell_type"] == cell_type].sort_values(["group", "slide"])
         ax.bar(rows["slide"], rows["density_per_mm2"], color=[colours[g] for g in rows["group"]])
-        ax.set_title(f"{cell_type.upper()} density in sampled tissue")
+        ax.set_title(f"{CELL_TYPE_TITLES.get(cell_type, cell_type)}: density in sampled tissue", fontsize=10)
         ax.set_ylabel("cells / mm²")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[g]) for g in groups]
