@@ -72,8 +72,9 @@ class LabelStore:
                 for event in events:
                     updated_at = min(event.updated_at, now)
                     cursor = self._db.execute(
-                        "INSERT OR IGNORE INTO events (event_id, cell_id, label, annotator, updated_at, received_at, source)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        # ON CONFLICT (event_id), not INSERT OR IGNORE: that would also skip CHECK violations.
+                        "INSERT INTO events (event_id, cell_id, label, annotator, updated_at, received_at, source)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
                         (
                             event.event_id,
                             event.cell_id,
