@@ -56,7 +56,10 @@ def post(client: TestClient, events: list[dict[str, Any]], annotator: str = "ann
 def test_labels_are_acknowledged_stored_once_and_read_back(server, study: Study) -> None:
     client, store, _ = server
     a, b = cell_ids(study, 2)
-    events = [{"event_id": "e1", "cell_id": a, "label": "yes"}, {"event_id": "e2", "cell_id": b, "label": "no"}]
+    events = [
+        {"event_id": "e1", "cell_id": a, "label": "yes"},
+        {"event_id": "e2", "cell_id": b, "label": "no"},
+    ]
     reply = post(client, events)
     assert reply.status_code == 200 and reply.json()["acked"] == ["e1", "e2"]
     assert post(client, events).json() == {"acked": ["e1", "e2"], "added": 0, "duplicates": 2}
@@ -71,15 +74,47 @@ def test_labels_are_acknowledged_stored_once_and_read_back(server, study: Study)
     ("body", "status", "message"),
     [
         (b"{not json", 400, "not valid JSON"),
-        (json.dumps({"annotator": "ann", "events": [{"event_id": "e", "cell_id": "nope", "label": "yes"}]}), 422, "not a cell"),
-        (json.dumps({"annotator": "ann", "events": [{"event_id": "e", "cell_id": "CELL", "label": "maybe"}]}), 422, "maybe"),
+        (
+            json.dumps(
+                {"annotator": "ann", "events": [{"event_id": "e", "cell_id": "nope", "label": "yes"}]}
+            ),
+            422,
+            "not a cell",
+        ),
+        (
+            json.dumps(
+                {"annotator": "ann", "events": [{"event_id": "e", "cell_id": "CELL", "label": "maybe"}]}
+            ),
+            422,
+            "maybe",
+        ),
         (json.dumps({"annotator": "", "events": []}), 422, "annotator"),
-        (json.dumps({"annotator": "ann", "events": [{"event_id": "e", "cell_id": "CELL", "label": "yes", "time": "yesterday"}]}), 422, "ISO-8601"),
+        (
+            json.dumps(
+                {
+                    "annotator": "ann",
+                    "events": [{"event_id": "e", "cell_id": "CELL", "label": "yes", "time": "yesterday"}],
+                }
+            ),
+            422,
+            "ISO-8601",
+        ),
         (json.dumps([1, 2]), 422, "body must be"),
-        (json.dumps({"annotator": "ann", "events": [{"event_id": "x" * 50, "cell_id": "CELL", "label": "yes"}] * 60}), 413, "over 4096 bytes"),
+        (
+            json.dumps(
+                {
+                    "annotator": "ann",
+                    "events": [{"event_id": "x" * 50, "cell_id": "CELL", "label": "yes"}] * 60,
+                }
+            ),
+            413,
+            "over 4096 bytes",
+        ),
     ],
 )
-def test_malformed_requests_get_a_clear_4xx_and_change_nothing(server, study: Study, body, status, message) -> None:
+def test_malformed_requests_get_a_clear_4xx_and_change_nothing(
+    server, study: Study, body, status, message
+) -> None:
     client, store, _ = server
     good = {"event_id": "ok", "cell_id": cell_ids(study, 1)[0], "label": "yes"}
     body = body.replace("CELL", cell_ids(study, 1)[0]) if isinstance(body, str) else body
@@ -94,11 +129,26 @@ def test_malformed_requests_get_a_clear_4xx_and_change_nothing(server, study: St
 def test_static_download_and_label_studio_exports_are_imported(server, study: Study) -> None:
     client, store, saved = server
     a, b = cell_ids(study, 2)
-    download = {"version": 1, "labels": [{"cell_id": a, "label": "unsure", "annotator": "static", "updated_at": "2026-11-30T06:00:00.000Z"}]}
+    download = {
+        "version": 1,
+        "labels": [
+            {"cell_id": a, "label": "unsure", "annotator": "static", "updated_at": "2026-11-30T06:00:00.000Z"}
+        ],
+    }
     assert client.post("/api/import", json=download).json()["added"] == 1
     assert client.post("/api/import", json=download).json()["duplicates"] == 1
     label_studio = [
-        {"id": 1, "data": {"cell_id": b, "image": "x"}, "annotations": [{"completed_by": 7, "updated_at": "2026-11-30T06:00:00Z", "result": [{"type": "choices", "value": {"choices": ["No"]}}]}]}
+        {
+            "id": 1,
+            "data": {"cell_id": b, "image": "x"},
+            "annotations": [
+                {
+                    "completed_by": 7,
+                    "updated_at": "2026-11-30T06:00:00Z",
+                    "result": [{"type": "choices", "value": {"choices": ["No"]}}],
+                }
+            ],
+        }
     ]
     assert client.post("/api/import", json=label_studio).json()["added"] == 1
     unknown = {"version": 1, "labels": [{**download["labels"][0], "cell_id": "S9_s0_r000_c000_mk_00001"}]}
@@ -114,13 +164,24 @@ def test_static_download_and_label_studio_exports_are_imported(server, study: St
 
 @pytest.mark.parametrize(
     "path",
-    ["../secret.txt", "a/../../secret.txt", "/etc/passwd", "%2e%2e/secret.txt", "..%2fsecret.txt", ".", "cells.json/..", "../site.manifest.json"],
+    [
+        "../secret.txt",
+        "a/../../secret.txt",
+        "/etc/passwd",
+        "%2e%2e/secret.txt",
+        "..%2fsecret.txt",
+        ".",
+        "cells.json/..",
+        "../site.manifest.json",
+    ],
 )
 def test_paths_outside_the_site_resolve_to_nothing(site_dataset: AnnotationSiteDataset, path: str) -> None:
     from urllib.parse import unquote
 
     root = site_dataset.load().root
-    assert resolve_site_file(root, unquote(path)) is None or resolve_site_file(root, unquote(path)).is_relative_to(root.resolve())
+    assert resolve_site_file(root, unquote(path)) is None or resolve_site_file(
+        root, unquote(path)
+    ).is_relative_to(root.resolve())
     assert resolve_site_file(root, "cells.json") == (root / "cells.json").resolve()
 
 

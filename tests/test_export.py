@@ -50,7 +50,9 @@ def site(study: Study, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 
 def test_one_region_read_per_tile_and_one_crop_per_cell(study: Study, site: tuple[Path, list]) -> None:
     folder, reads = site
-    assert sorted(reads) == sorted((x, y, w, h) for x, y, w, h in (study.store.read(t).window for t in study.store.tiles))
+    assert sorted(reads) == sorted(
+        (x, y, w, h) for x, y, w, h in (study.store.read(t).window for t in study.store.tiles)
+    )
     crops = sorted(folder.glob("crops/*/*.webp"))
     assert sorted(p.stem for p in crops) == sorted(study.cells["cell_id"])
     for crop in crops:
@@ -166,7 +168,14 @@ def test_label_studio_tasks_round_trip_through_the_importer(study: Study) -> Non
                 {
                     "id": 100 + number,
                     "completed_by": {"id": 3, "email": "ann@lab.org"},
-                    "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [choices[number % 3]]}}],
+                    "result": [
+                        {
+                            "from_name": "label",
+                            "to_name": "image",
+                            "type": "choices",
+                            "value": {"choices": [choices[number % 3]]},
+                        }
+                    ],
                     "was_cancelled": False,
                     "updated_at": "2026-11-30T06:00:00.123456Z",
                 }
@@ -184,7 +193,11 @@ def test_label_studio_tasks_round_trip_through_the_importer(study: Study) -> Non
 def test_export_parameters_are_checked() -> None:
     params = load_parameters()
     validate_parameters(params)
-    params["export"] = {**params["export"], "order": "size", "cell_types": {"rbc": {"crop_um": 5, "output_px": 32}}}
+    params["export"] = {
+        **params["export"],
+        "order": "size",
+        "cell_types": {"rbc": {"crop_um": 5, "output_px": 32}},
+    }
     with pytest.raises(ParameterError) as error:
         validate_parameters(params)
     assert "export.order" in str(error.value) and "export.cell_types.rbc" in str(error.value)

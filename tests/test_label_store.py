@@ -26,8 +26,14 @@ def test_wal_and_full_sync(tmp_path: Path) -> None:
 def test_retried_event_is_stored_once_and_latest_wins_with_history(tmp_path: Path) -> None:
     path = tmp_path / "labels.sqlite3"
     store = LabelStore(path)
-    assert store.record([event("e1", "yes", "2026-01-01T10:00:00Z")], source="t") == {"added": 1, "duplicates": 0}
-    assert store.record([event("e1", "yes", "2026-01-01T10:00:00Z")], source="t") == {"added": 0, "duplicates": 1}
+    assert store.record([event("e1", "yes", "2026-01-01T10:00:00Z")], source="t") == {
+        "added": 1,
+        "duplicates": 0,
+    }
+    assert store.record([event("e1", "yes", "2026-01-01T10:00:00Z")], source="t") == {
+        "added": 0,
+        "duplicates": 1,
+    }
     store.record([event("e2", "no", "2026-01-01T10:05:00Z")], source="t")
     # A label queued offline and sent late (older click time) does not beat the newer one.
     store.record([event("e3", "unsure", "2026-01-01T10:01:00Z")], source="t")
@@ -54,14 +60,19 @@ def test_a_client_clock_ahead_is_clamped_to_the_server_clock(tmp_path: Path) -> 
 def test_a_failed_transaction_stores_nothing(tmp_path: Path) -> None:
     store = LabelStore(tmp_path / "labels.sqlite3")
     with pytest.raises(sqlite3.IntegrityError):
-        store.record([event("e1", "yes", "2026-01-01T10:00:00Z"), event("e2", "maybe", "2026-01-01T10:00:00Z")], source="t")
+        store.record(
+            [event("e1", "yes", "2026-01-01T10:00:00Z"), event("e2", "maybe", "2026-01-01T10:00:00Z")],
+            source="t",
+        )
     assert store.count_events() == 0 and store.latest() == []
 
 
 def test_contract_round_trip_and_cell_type() -> None:
     payload = {
         "version": 1,
-        "labels": [{"cell_id": CELL, "label": "yes", "annotator": "ann", "updated_at": "2026-01-01T10:00:00Z"}],
+        "labels": [
+            {"cell_id": CELL, "label": "yes", "annotator": "ann", "updated_at": "2026-01-01T10:00:00Z"}
+        ],
     }
     events = parse_label_file(payload, source="f.json")
     assert [(e.cell_id, e.label, e.annotator, e.updated_at) for e in events] == [
@@ -75,9 +86,38 @@ def test_contract_round_trip_and_cell_type() -> None:
     ("document", "message"),
     [
         ({"version": 2, "labels": []}, "version"),
-        ({"version": 1, "labels": [{"cell_id": CELL, "label": "maybe", "annotator": "a", "updated_at": "2026-01-01T00:00:00Z"}]}, "maybe"),
-        ({"version": 1, "labels": [{"cell_id": "x", "label": "yes", "annotator": "a", "updated_at": "2026-01-01T00:00:00Z"}]}, "cell id"),
-        ({"version": 1, "labels": [{"cell_id": CELL, "label": "yes", "annotator": "a", "updated_at": "2026-01-01 00:00"}]}, "time zone"),
+        (
+            {
+                "version": 1,
+                "labels": [
+                    {
+                        "cell_id": CELL,
+                        "label": "maybe",
+                        "annotator": "a",
+                        "updated_at": "2026-01-01T00:00:00Z",
+                    }
+                ],
+            },
+            "maybe",
+        ),
+        (
+            {
+                "version": 1,
+                "labels": [
+                    {"cell_id": "x", "label": "yes", "annotator": "a", "updated_at": "2026-01-01T00:00:00Z"}
+                ],
+            },
+            "cell id",
+        ),
+        (
+            {
+                "version": 1,
+                "labels": [
+                    {"cell_id": CELL, "label": "yes", "annotator": "a", "updated_at": "2026-01-01 00:00"}
+                ],
+            },
+            "time zone",
+        ),
         ({"something": 1}, "neither"),
     ],
 )

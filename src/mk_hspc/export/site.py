@@ -133,7 +133,7 @@ def render_page(
             f"<div class=crop><img loading=lazy decoding=async width={output_px} height={output_px} "
             f'alt="{_esc(cell_id)}" src="{_esc(src)}">'
             f'<svg viewBox="0 0 {output_px} {output_px}"><polygon points="{points}"/></svg></div>'
-            f"<figcaption><span class=slide>{_esc(row.slide)}</span> "
+            f'<figcaption><span class=slide title="{_esc(row.slide)}">{_esc(row.slide)}</span> '
             f"<span class=score>{float(row.score):.2f}</span></figcaption></figure>"
         )
     title = f"{cell_type.upper()} page {page} of {n_pages}"
