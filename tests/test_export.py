@@ -150,6 +150,13 @@ def test_qupath_geojson_is_valid_and_in_the_bounding_box_frame(study: Study) -> 
             assert geometry.centroid.y == pytest.approx(cell["centroid_y_px"] - bbox["y"] + 0.5, abs=0.6)
             assert geometry.area == pytest.approx(cell["area_px"], rel=0.08)
             assert feature["properties"]["measurements"]["area_um2"] == pytest.approx(cell["area_um2"])
+            # Every pixel of the cell in the tile store's label image lies inside the outline.
+            tile = study.store.read(cell["tile_id"])
+            rows, cols = np.nonzero(tile.labels[cell["cell_type"]] == cell["label"])
+            centres = shapely.points(
+                cols + tile.window[0] - bbox["x"] + 0.5, rows + tile.window[1] - bbox["y"] + 0.5
+            )
+            assert shapely.contains(geometry.buffer(0.5), centres).mean() == 1.0
         assert bbox["x"] != 0  # the fixture's slides are away from the CZI origin, so the shift is tested
 
 
@@ -201,3 +208,10 @@ def test_export_parameters_are_checked() -> None:
     with pytest.raises(ParameterError) as error:
         validate_parameters(params)
     assert "export.order" in str(error.value) and "export.cell_types.rbc" in str(error.value)
+
+
+def test_readme_gives_the_label_studio_config_the_importer_expects() -> None:
+    from mk_hspc.export.interop import LABEL_STUDIO_CONFIG
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert LABEL_STUDIO_CONFIG in readme
