@@ -7,6 +7,8 @@
 * ``tile_read_s``: time to merely read the same tile windows once (``read_region``, one after another, after
   an untimed warm-up pass so that both see the same page cache).
 * ``export_vs_tile_read`` = ``export_s / tile_read_s`` (goal <= 1.5).
+* ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).
+* ``qupath_geojson_s``: the QuPath GeoJSON of the same cells (exact outlines from the tile store), apart.
 
 The demo run (ingestion + segmentation, ``kedro run``) happens once in ``--project`` (a project copy under
 ``bench/work/``) and is reused; the export itself runs in-process through the project's catalog.
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    from mk_hspc.pipelines.export.nodes import build_annotation_site
+    from mk_hspc.pipelines.export.nodes import build_annotation_site, make_qupath_geojson
 
     os.environ["KEDRO_DISABLE_TELEMETRY"] = "true"
     bootstrap_project(project)
@@ -79,13 +81,31 @@ def main(argv: list[str] | None = None) -> None:
         read_all()  # warm-up: the page cache holds the slides for both timed passes
         tile_read_s = read_all()
         load = os.getloadavg()
+        site = Path(catalog.get("annotation_site")._describe()["filepath"])
+        if not site.is_absolute():
+            site = project / site
+        variants = {}
+        for image_format in ("jpeg", "webp"):
+            start = time.perf_counter()
+            catalog.save(
+                "annotation_site",
+                build_annotation_site(cells, store, slides, {**export, "image_format": image_format}),
+            )
+            variant_s = time.perf_counter() - start
+            variant_bytes = sum(p.stat().st_size for p in site.rglob("*") if p.is_file())
+            variants[image_format] = {
+                "export_s": round(variant_s, 3),
+                "export_vs_tile_read": round(variant_s / tile_read_s, 3),
+                "bytes_per_cell": round(variant_bytes / max(len(cells), 1), 1),
+            }
+        # The headline: the project's configured format, written last so the site on disk is that one.
         start = time.perf_counter()
         catalog.save("annotation_site", build_annotation_site(cells, store, slides, export))
         export_s = time.perf_counter() - start
         load_after = os.getloadavg()
-        site = Path(catalog.get("annotation_site")._describe()["filepath"])
-        if not site.is_absolute():
-            site = project / site
+        start = time.perf_counter()
+        catalog.save("qupath_geojson", make_qupath_geojson(cells, store, catalog.load("slide_meta"), export))
+        qupath_s = time.perf_counter() - start
 
     files = [p for p in site.rglob("*") if p.is_file()]
     site_bytes = sum(p.stat().st_size for p in files)
@@ -107,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         "tile_read_s": round(tile_read_s, 3),
         "export_vs_tile_read": round(export_s / tile_read_s, 3),
         "export_vs_tile_read_goal": 1.5,
+        "qupath_geojson_s": round(qupath_s, 3),
+        "by_image_format": variants,
         "parameters": {
             k: export[k] for k in ("cell_types", "image_format", "quality", "page_size", "threads")
         },

@@ -191,3 +191,41 @@ def test_the_server_listens_on_loopback_only(setup) -> None:
     process = psutil.Process(server.process.pid)
     listening = [c.laddr for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     assert listening and {address.ip for address in listening} == {"127.0.0.1"}
+
+
+def test_a_refused_queued_label_does_not_take_good_ones_with_it(setup, browser) -> None:
+    server, study, _ = setup
+    good = sorted(study.cells["cell_id"])[-1]
+    queue = [
+        {
+            "event_id": "stale-1",
+            "cell_id": "OLD_s0_r000_c000_mk_00001",
+            "label": "yes",
+            "time": "2026-11-30T06:00:00Z",
+            "annotator": "carol",
+        },
+        {
+            "event_id": "good-1",
+            "cell_id": good,
+            "label": "no",
+            "time": "2026-11-30T06:00:01Z",
+            "annotator": "carol",
+        },
+    ]
+    context = browser.new_context()
+    context.add_init_script(
+        f"if (!sessionStorage.getItem('seeded')) {{ sessionStorage.setItem('seeded', '1');"
+        f" localStorage.setItem('mkhspc.queue.v1', {json.dumps(json.dumps(queue))});"
+        " localStorage.setItem('mkhspc.annotator', 'carol'); }"
+    )
+    page = context.new_page()
+    page.goto(server.url + "index.html")
+    page.wait_for_selector('#save-state[data-state="error"]', timeout=10_000)
+    assert "not a cell of this site" in page.inner_text("#save-state")
+    assert server_labels(server, "carol") == {good: "no"}
+    # Served, the index shows every annotator's progress from the label store.
+    page.wait_for_function("[...document.querySelectorAll('td.done')].some(td => td.textContent !== '')")
+    done = page.eval_on_selector_all("td.done", "els => els.reduce((n, e) => n + Number(e.textContent), 0)")
+    with urllib.request.urlopen(server.url + "api/progress", timeout=5) as reply:
+        assert done == json.loads(reply.read())["labelled"] > 0
+    context.close()

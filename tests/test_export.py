@@ -215,3 +215,22 @@ def test_readme_gives_the_label_studio_config_the_importer_expects() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert LABEL_STUDIO_CONFIG in readme
+
+
+def test_a_site_folder_is_made_durable_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from mk_hspc.datasets import atomic
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for number in range(atomic.SYNCFS_MIN_FILES + 1):
+        (folder / f"{number}.webp").write_bytes(b"x")
+    calls = {"fsync": 0, "syncfs": 0}
+    real_syncfs = atomic._syncfs
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.__setitem__("fsync", calls["fsync"] + 1))
+    monkeypatch.setattr(atomic, "_syncfs", lambda path: calls.__setitem__("syncfs", 1) or real_syncfs(path))
+    atomic.fsync_tree(folder)
+    assert calls == {"fsync": 0, "syncfs": 1}
+    atomic.fsync_tree(folder / "0.webp")  # a single file: fsync as before
+    assert calls["fsync"] >= 1

@@ -42,6 +42,21 @@ def _default_annotator() -> str:
         return "annotator"
 
 
+def _annotate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``annotate`` parameters block, checked against the schema (a run's hook does not run here)."""
+    from pydantic import ValidationError
+
+    from mk_hspc.params_schema import Annotate
+
+    conf = params.get("annotate")
+    try:
+        Annotate.model_validate(conf)
+    except ValidationError as exc:
+        problems = [f"annotate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise click.ClickException("Invalid parameters:\n  " + "\n  ".join(problems)) from None
+    return conf
+
+
 @commands.group(name="annotate", invoke_without_command=True)
 @click.option(
     "--host", default=None, help="Address to bind (default: the `annotate.host` parameter, 127.0.0.1)."
@@ -64,7 +79,7 @@ def annotate(
     metadata = ctx.find_root().obj
     context = _context(metadata, env)
     catalog = context.catalog
-    conf = context.params["annotate"]
+    conf = _annotate_params(context.params)
     site = catalog.load("annotation_site")
     store = catalog.load("label_store")
     app = create_app(

@@ -17,6 +17,7 @@ Why not a library: fsspec and kedro-datasets write in place; no Kedro plugin pro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import inspect
 import json
@@ -64,14 +65,35 @@ def _update_with_file(sha: Any, file: Path) -> None:
             sha.update(block)
 
 
+# A folder with more files than this is made durable with one syncfs(2) of its file system instead of one
+# fsync per file: 4,400 crop files of an annotation site took 20 s to fsync one by one, syncfs 0.01-0.08 s.
+SYNCFS_MIN_FILES = 64
+
+
 def fsync_tree(path: Path) -> None:
     """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    if len(files) > SYNCFS_MIN_FILES and _syncfs(path):
+        return
     for file in files:
         _fsync(file, os.O_RDONLY)
     folders = {file.parent for file in files} | ({path} if path.is_dir() else set())
     for folder in folders:
         _fsync(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _syncfs(path: Path) -> bool:
+    """Flush the whole file system holding ``path`` (Linux ``syncfs``); False where it is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return syncfs(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: Path, flags: int) -> None:

