@@ -217,7 +217,9 @@ def test_readme_gives_the_label_studio_config_the_importer_expects() -> None:
     assert LABEL_STUDIO_CONFIG in readme
 
 
-def test_a_site_folder_is_made_durable_with_one_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_folder_is_made_durable_with_one_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
 
     from mk_hspc.datasets import atomic
