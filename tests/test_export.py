@@ -236,3 +236,11 @@ def test_a_site_folder_is_made_durable_with_one_syncfs(
     assert calls == {"fsync": 0, "syncfs": 1}
     atomic.fsync_tree(folder / "0.webp")  # a single file: fsync as before
     assert calls["fsync"] >= 1
+
+
+def test_the_index_lists_a_slide_without_candidates(study: Study) -> None:
+    from mk_hspc.export.site import assign_pages, render_index
+
+    pages = assign_pages(study.cells, ["mk", "hspc"], 4, "score", 0)
+    index = render_index(pages, ["mk", "hspc"], [*study.slide_meta, "EMPTY"])
+    assert "<th scope=row>EMPTY</th><td>0</td>" in index

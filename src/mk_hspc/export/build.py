@@ -104,7 +104,9 @@ def plan_site(
     output_px = {cell_type: spec.output_px for cell_type, spec in specs.items()}
     return SiteContent(
         batches=batches,
-        render=lambda outlines: page_files(pages, outlines, cell_types, output_px, image_format),
+        render=lambda outlines: page_files(
+            pages, outlines, cell_types, output_px, image_format, sorted(slide_loaders)
+        ),
         threads=int(export.get("threads", 1)),
         close=pool.close,
     )

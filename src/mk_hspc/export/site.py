@@ -160,14 +160,17 @@ def _toolbar(title: str, nav: list[str]) -> str:
     )
 
 
-def render_index(pages: pd.DataFrame, cell_types: list[str]) -> str:
-    """Counts per slide and cell type, links to every page, and a progress cell filled in by the script."""
+def render_index(pages: pd.DataFrame, cell_types: list[str], slides: list[str] | None = None) -> str:
+    """Counts per slide and cell type (every slide of ``slides``, zeros included), links to every page, and
+    a progress cell filled in by the script."""
     counts = (
         pages.groupby(["slide", "cell_type"])
         .size()
         .unstack(fill_value=0)
         .reindex(columns=cell_types, fill_value=0)
     )
+    if slides is not None:
+        counts = counts.reindex(sorted(set(slides) | set(counts.index)), fill_value=0)
     head = "".join(f"<th>{_esc(t)}</th><th>labelled</th>" for t in cell_types)
     body = []
     for slide, row in counts.iterrows():
@@ -222,9 +225,10 @@ def page_files(
     cell_types: list[str],
     output_px: Mapping[str, int],
     image_format: str,
+    slides: list[str] | None = None,
 ) -> dict[str, bytes]:
     """Index, cells index, assets and every page, as bytes."""
-    files = {"index.html": render_index(pages, cell_types).encode(), **asset_files()}
+    files = {"index.html": render_index(pages, cell_types, slides).encode(), **asset_files()}
     files[CELLS_INDEX] = json.dumps(cells_index(pages), separators=(",", ":")).encode()
     for cell_type in cell_types:
         of_type = pages[pages["cell_type"] == cell_type]
