@@ -114,9 +114,8 @@ def test_label_by_mouse_and_keyboard_reload_and_sigkill(setup, browser) -> None:
     fresh = browser.new_context().new_page()
     fresh.add_init_script("localStorage.setItem('mkhspc.annotator', 'alice')")
     fresh.goto(server.url + PAGE)
-    fresh.wait_for_function(
-        "document.querySelectorAll('figure.cell[data-label]').length === 4", timeout=10_000
-    )
+    # (Locator waits, not wait_for_function: the pages' CSP forbids the eval that polling a string needs.)
+    sync_api.expect(fresh.locator("figure.cell[data-label]")).to_have_count(4, timeout=10_000)
     context.close()
 
 
@@ -224,7 +223,7 @@ def test_a_refused_queued_label_does_not_take_good_ones_with_it(setup, browser) 
     assert "not a cell of this site" in page.inner_text("#save-state")
     assert server_labels(server, "carol") == {good: "no"}
     # Served, the index shows every annotator's progress from the label store.
-    page.wait_for_function("[...document.querySelectorAll('td.done')].some(td => td.textContent !== '')")
+    sync_api.expect(page.locator("td.done").first).not_to_have_text("", timeout=10_000)
     done = page.eval_on_selector_all("td.done", "els => els.reduce((n, e) => n + Number(e.textContent), 0)")
     with urllib.request.urlopen(server.url + "api/progress", timeout=5) as reply:
         assert done == json.loads(reply.read())["labelled"] > 0
