@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
             env=env,
             check=True,
         )
+
+    # The export runs with this repository's current parameters (the copy may predate them).
+    shutil.copytree(REPO / "conf" / "base", project / "conf" / "base", dirs_exist_ok=True)
 
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
