@@ -191,3 +191,36 @@ def test_pages_are_served_with_security_headers(server) -> None:
     assert reply.status_code == 200 and "script-src 'self'" in reply.headers["content-security-policy"]
     assert "&lt;img src=x onerror=alert(1)&gt;" in reply.text and "<img src=x" not in reply.text
     assert client.get("/", follow_redirects=False).headers["location"] == "/index.html"
+
+
+def test_other_sites_cannot_write_labels(server, study: Study) -> None:
+    client, store, _ = server
+    body = json.dumps(
+        {"annotator": "ann", "events": [{"event_id": "e", "cell_id": cell_ids(study, 1)[0], "label": "yes"}]}
+    )
+    # A cross-site form or fetch without preflight can only send text/plain ...
+    reply = client.post("/api/labels", content=body, headers={"content-type": "text/plain"})
+    assert reply.status_code == 415
+    # ... and a page of another origin is named by its Origin header.
+    reply = client.post(
+        "/api/labels",
+        content=body,
+        headers={"content-type": "application/json", "origin": "http://evil.example"},
+    )
+    assert reply.status_code == 403 and "other sites" in reply.json()["error"]
+    assert store.count_events() == 0
+
+
+def test_on_loopback_only_loopback_host_names_are_served(
+    site_dataset: AnnotationSiteDataset, tmp_path: Path
+) -> None:
+    app = create_app(
+        site_dataset.load(),
+        LabelStore(tmp_path / "l.sqlite3"),
+        default_annotator="a",
+        allowed_hosts=["127.0.0.1"],
+    )
+    client = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert client.get("/index.html").status_code == 200
+    # DNS rebinding: a page of attacker.example resolved to 127.0.0.1 sends its own name as Host.
+    assert client.get("/api/health", headers={"host": "attacker.example:8765"}).status_code == 400

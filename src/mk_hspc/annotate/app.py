@@ -12,6 +12,9 @@ Routes (all under the site root):
 - ``GET /api/progress``: labelled / total per slide and cell type (any annotator).
 - ``POST /api/import``: a labels file or a Label Studio JSON export (``mk_hspc.labels.contract``).
 - ``POST /api/export``: writes the labels dataset (the catalog's ``labels``) and returns its size.
+
+POST bodies must be ``application/json`` and come from the site itself (``Origin``), so that another web
+page open in the same browser cannot write labels; on loopback only loopback ``Host`` names are served.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -59,6 +65,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
+    # JSON only: a cross-site page can send a "simple" text/plain POST to a local server without asking,
+    # but not an application/json one (the browser's CORS preflight gets no permission here).
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise RequestError(415, "send the body as Content-Type: application/json")
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise RequestError(403, f"requests from other sites ({origin[:100]}) are refused")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestError(413, f"request body over {limit} bytes")
@@ -130,6 +144,7 @@ def create_app(
     save_labels: Callable[[dict[str, Any]], str] | None = None,
     max_body_bytes: int = 65536,
     max_import_bytes: int = 50_000_000,
+    allowed_hosts: list[str] | None = None,
 ) -> Starlette:
     """The app serving ``site`` and storing labels in ``store``.
 
@@ -140,6 +155,8 @@ def create_app(
         save_labels: writes the labels contract document (the catalog's ``labels``); returns where.
         max_body_bytes: largest ``POST /api/labels`` body.
         max_import_bytes: largest ``POST /api/import`` body.
+        allowed_hosts: ``Host`` header names served (others get 400): the loopback names when bound to
+            loopback, so that a web page cannot reach the server through DNS rebinding. None: any.
     """
     known = site.cells
 
@@ -229,4 +246,7 @@ def create_app(
         Route("/api/export", export_labels, methods=["POST"]),
         Route("/{path:path}", static, methods=["GET", "HEAD"]),
     ]
-    return Starlette(routes=routes)
+    middleware = []
+    if allowed_hosts is not None:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
+    return Starlette(routes=routes, middleware=middleware)

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
 
 @click.group(name="mk-hspc")
 def commands() -> None:
@@ -82,6 +84,9 @@ def annotate(
     conf = _annotate_params(context.params)
     site = catalog.load("annotation_site")
     store = catalog.load("label_store")
+    host = host or conf["host"]
+    port = int(conf["port"] if port is None else port)
+    loopback = host in LOOPBACK_HOSTS
     app = create_app(
         site,
         store,
@@ -89,9 +94,8 @@ def annotate(
         save_labels=lambda payload: _save_labels(catalog, payload),
         max_body_bytes=int(conf["max_body_bytes"]),
         max_import_bytes=int(conf["max_import_bytes"]),
+        allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
     )
-    host = host or conf["host"]
-    port = int(conf["port"] if port is None else port)
     click.echo(f"Annotation site {site.root} ({len(site.cells)} cells), labels in {store.path}")
     click.echo(f"Open http://{host}:{port}/index.html  (Ctrl+C to stop)", err=False)
     try:
