@@ -157,11 +157,11 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
     params = load_parameters()
     with_value(params, "ingestion.tiles.overlap_px", 0)  # the key largest_cell_um replaced
     with_value(params, "demo.overrides", {"n_slide": 2})
-    params["export"] = {}
+    params["exports"] = {}  # a misspelt block
     assert problems_of(params) == [
         "demo.overrides.n_slide: unknown key; allowed: " + ", ".join(_demo_spec_fields()),
         "ingestion.tiles.overlap_px: unknown key; allowed: tile_px, largest_cell_um, min_tissue_fraction",
-        "export: unknown key; allowed: demo, ingestion, segmentation",
+        "exports: unknown key; allowed: demo, ingestion, segmentation, export, annotate",
     ]
 
 

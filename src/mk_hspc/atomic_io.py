@@ -8,6 +8,7 @@ never a partial file, and a crash leaves at most a hidden temporary sibling that
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -37,13 +38,33 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# A folder with more files than this is made durable with one syncfs(2) of its file system instead of one
+# fsync per file: 4,400 crop files of an annotation site took 20 s to fsync one by one, syncfs 0.01-0.08 s.
+SYNCFS_MIN_FILES = 64
+
+
 def fsync_tree(path: Path) -> None:
     """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    if len(files) > SYNCFS_MIN_FILES and _syncfs(path):
+        return
     for file in files:
         fsync_path(file)
     for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
         fsync_path(folder)
+
+
+def _syncfs(path: Path) -> bool:
+    """Flush the whole file system holding ``path`` (Linux ``syncfs``); False where it is unavailable."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return syncfs(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:

@@ -243,12 +243,61 @@ class Segmentation(_Block):
         return device
 
 
+# ---------------------------------------------------------------------------------- export / annotate
+class CropConf(_Block):
+    crop_um: float = Field(gt=0, le=1000)  # a crop wider than a tile's overlap-free core makes no sense
+    output_px: int = Field(ge=16, le=512)
+
+
+class QuPathConf(_Block):
+    simplify_px: NonNegativeFloat = 1.0
+
+
+class LabelStudioConf(_Block):
+    image_url_prefix: str
+
+
+class Export(_Block):
+    """``export.build.plan_site`` and ``export.interop`` settings."""
+
+    cell_types: dict[Literal["mk", "hspc"], CropConf] = Field(min_length=1)
+    page_size: int = Field(300, ge=1, le=5000)
+    order: Literal["score", "slide", "random"] = "score"
+    seed: int = 0
+    image_format: Literal["webp", "jpeg"] = "webp"
+    quality: int = Field(70, ge=1, le=100)
+    normalise_percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(
+        [1.0, 99.5], min_length=2, max_length=2
+    )
+    threads: Count = 2
+    qupath: QuPathConf = QuPathConf()
+    label_studio: LabelStudioConf
+
+    @field_validator("normalise_percentiles")
+    @classmethod
+    def _low_below_high(cls, bounds: list[float]) -> list[float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError("should be [low, high] with low < high")
+        return bounds
+
+
+class Annotate(_Block):
+    """``kedro annotate`` defaults (command-line options override them)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    max_body_bytes: int = Field(65536, ge=1024)
+    max_import_bytes: int = Field(50_000_000, ge=1024)
+
+
 class Parameters(_Block):
     """Every parameters block (``params:<block>`` in the pipelines)."""
 
     demo: Demo
     ingestion: Ingestion
     segmentation: Segmentation
+    export: Export
+    annotate: Annotate
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -1,0 +1,147 @@
+"""``kedro annotate``: a Kedro project command (entry point ``kedro.project_commands``, as kedro-viz does).
+
+- ``kedro annotate`` serves the exported site (catalog ``annotation_site``) with the label store (catalog
+  ``label_store``) on 127.0.0.1:8765 (``annotate`` parameters; ``--host``/``--port`` override);
+- ``kedro annotate export`` writes the catalog's ``labels`` (the labels contract) from the store;
+- ``kedro annotate import FILE...`` adds a labels file or a Label Studio JSON export to the store.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@click.group(name="mk-hspc")
+def commands() -> None:
+    """mk-hspc project commands."""
+
+
+def _context(metadata: Any, env: str | None) -> Any:
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(metadata.project_path)
+    session = KedroSession.create(project_path=metadata.project_path, env=env)
+    return session.load_context()
+
+
+def _save_labels(catalog: Any, payload: dict[str, Any]) -> str:
+    catalog.save("labels", payload)
+    return str(catalog.get("labels")._describe().get("filepath"))
+
+
+def _default_annotator() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "annotator"
+
+
+def _annotate_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``annotate`` parameters block, checked against the schema (a run's hook does not run here)."""
+    from pydantic import ValidationError
+
+    from mk_hspc.params_schema import Annotate
+
+    conf = params.get("annotate")
+    try:
+        Annotate.model_validate(conf)
+    except ValidationError as exc:
+        problems = [f"annotate.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise click.ClickException("Invalid parameters:\n  " + "\n  ".join(problems)) from None
+    return conf
+
+
+@commands.group(name="annotate", invoke_without_command=True)
+@click.option(
+    "--host", default=None, help="Address to bind (default: the `annotate.host` parameter, 127.0.0.1)."
+)
+@click.option("--port", type=int, default=None, help="Port (default: the `annotate.port` parameter).")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment.")
+@click.option("--annotator", default=None, help="Annotator name the page proposes (default: your user name).")
+@click.pass_context
+def annotate(
+    ctx: click.Context, host: str | None, port: int | None, env: str | None, annotator: str | None
+) -> None:
+    """Serve the annotation site and store every label in SQLite (127.0.0.1 unless --host says otherwise)."""
+    ctx.meta["mk_hspc_env"] = env
+    if ctx.invoked_subcommand is not None:
+        return
+    import uvicorn
+
+    from mk_hspc.annotate.app import create_app
+
+    metadata = ctx.find_root().obj
+    context = _context(metadata, env)
+    catalog = context.catalog
+    conf = _annotate_params(context.params)
+    site = catalog.load("annotation_site")
+    store = catalog.load("label_store")
+    host = host or conf["host"]
+    port = int(conf["port"] if port is None else port)
+    loopback = host in LOOPBACK_HOSTS
+    app = create_app(
+        site,
+        store,
+        default_annotator=annotator or _default_annotator(),
+        save_labels=lambda payload: _save_labels(catalog, payload),
+        max_body_bytes=int(conf["max_body_bytes"]),
+        max_import_bytes=int(conf["max_import_bytes"]),
+        allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
+    )
+    click.echo(f"Annotation site {site.root} ({len(site.cells)} cells), labels in {store.path}")
+    click.echo(f"Open http://{host}:{port}/index.html  (Ctrl+C to stop)", err=False)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        store.close()
+
+
+@annotate.command(name="export")
+@click.pass_context
+def export_command(ctx: click.Context) -> None:
+    """Write the catalog's `labels` (latest label per cell and annotator) from the label store."""
+    context = _context(ctx.find_root().obj, ctx.parent.meta.get("mk_hspc_env"))
+    store = context.catalog.load("label_store")
+    try:
+        payload = store.payload()
+    finally:
+        store.close()
+    where = _save_labels(context.catalog, payload)
+    click.echo(f"{len(payload['labels'])} labels written to {where}")
+
+
+@annotate.command(name="import")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.pass_context
+def import_command(ctx: click.Context, files: tuple[Path, ...]) -> None:
+    """Add label files (this project's labels JSON, or a Label Studio JSON export) to the label store."""
+    from mk_hspc.labels.contract import parse_label_file
+
+    context = _context(ctx.find_root().obj, ctx.parent.meta.get("mk_hspc_env"))
+    site = context.catalog.load("annotation_site")
+    store = context.catalog.load("label_store")
+    try:
+        for file in files:
+            try:
+                events = parse_label_file(json.loads(file.read_text(encoding="utf-8")), source=str(file))
+            except ValueError as exc:
+                raise click.ClickException(f"{file}: {exc}") from None
+            unknown = sorted({e.cell_id for e in events} - set(site.cells))
+            if unknown:
+                raise click.ClickException(
+                    f"{file}: {len(unknown)} cell id(s) not in the site, e.g. {unknown[:3]}"
+                )
+            result = store.record(events, source=f"import:{file.name}")
+            click.echo(f"{file}: {result['added']} labels added, {result['duplicates']} already present")
+    finally:
+        store.close()

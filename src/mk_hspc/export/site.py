@@ -1,0 +1,240 @@
+"""The static annotation site: pages of N cells per cell type, an index, crops as image files, page assets.
+
+Layout (every name derived from the stable cell id)::
+
+    index.html                      counts per slide and cell type, pages, labelling progress
+    cells.json                      every exported cell: id, slide, cell type, page (the server's whitelist)
+    assets/app.js, assets/app.css   one copy for all pages
+    pages/<cell_type>/<nnnn>.html   N cells each, ordered by ``order`` (score | slide | random)
+    crops/<tile_id>/<cell_id>.webp  one small image per cell, lazy-loaded by the pages
+
+Every piece of text that comes from data (slide names, ids) is HTML-escaped and URL-quoted; the pages work
+from a static host or a plain file (labels in localStorage) and, served by ``kedro annotate``, store every
+click on the server.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+
+ORDERS = ("score", "slide", "random")
+ASSET_NAMES = ("app.js", "app.css")
+CELLS_INDEX = "cells.json"
+LABEL_CHOICES = ("yes", "no", "unsure")
+
+
+Outline = list[tuple[float, float]]
+TileBatch = Callable[[], tuple[dict[str, bytes], dict[str, Outline]]]
+
+
+@dataclass
+class SiteContent:
+    """What the site dataset writes: crops tile by tile, then the pages (which need the crops' outlines).
+
+    Attributes:
+        batches: callables, one per tile, each returning ``({site-relative path: bytes}, {cell_id: outline})``.
+        render: ``outlines -> {site-relative path: bytes}``: index, pages, assets, cells index.
+        threads: how many batches may run at once (slide reads and encoding overlap).
+        close: called once every batch has run (closes the slides the batches opened).
+    """
+
+    batches: list[TileBatch]
+    render: Callable[[dict[str, Outline]], dict[str, bytes]]
+    threads: int = 1
+    close: Callable[[], None] = lambda: None
+
+
+def crop_path(tile_id: str, cell_id: str, image_format: str) -> str:
+    """Site-relative path of a cell's crop (file system form, not URL-quoted)."""
+    suffix = "jpg" if image_format == "jpeg" else image_format
+    return f"crops/{tile_id}/{cell_id}.{suffix}"
+
+
+def url(path: str) -> str:
+    """A site-relative path as a URL path (each segment percent-encoded)."""
+    return "/".join(quote(part, safe="") for part in path.split("/"))
+
+
+def order_cells(cells: pd.DataFrame, order: str, seed: int) -> pd.DataFrame:
+    """The cells of one type in page order: ``score`` (highest first), ``slide`` (slide, tile, label) or
+    ``random`` (a permutation fixed by ``seed``); ties and the base order are by cell id, so it is stable."""
+    base = cells.sort_values("cell_id", kind="stable")
+    if order == "score":
+        return base.sort_values("score", ascending=False, kind="stable")
+    if order == "slide":
+        return base.sort_values(["slide", "tile_id", "label"], kind="stable")
+    if order == "random":
+        return base.iloc[np.random.default_rng(seed).permutation(len(base))]
+    raise ValueError(f"export.order {order!r} is not one of {', '.join(ORDERS)}")
+
+
+def assign_pages(
+    cells: pd.DataFrame, cell_types: Iterable[str], page_size: int, order: str, seed: int
+) -> pd.DataFrame:
+    """Cells with ``page`` (1-based, per cell type) and ``position`` columns, in page order."""
+    frames = []
+    for cell_type in cell_types:
+        of_type = order_cells(cells[cells["cell_type"] == cell_type], order, seed)
+        positions = np.arange(len(of_type))
+        frames.append(of_type.assign(page=positions // page_size + 1, position=positions % page_size))
+    if not frames:
+        return cells.iloc[0:0].assign(page=[], position=[])
+    return pd.concat(frames, ignore_index=True)
+
+
+def page_path(cell_type: str, page: int) -> str:
+    return f"pages/{cell_type}/{page:04d}.html"
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _head(title: str, root: str) -> str:
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f'<title>{_esc(title)}</title><link rel=stylesheet href="{root}assets/app.css"></head>'
+    )
+
+
+def render_page(
+    cell_type: str,
+    page: int,
+    n_pages: int,
+    rows: pd.DataFrame,
+    outlines: Mapping[str, list[tuple[float, float]]],
+    output_px: int,
+    image_format: str,
+) -> str:
+    """One page of cells: crops (lazy), outlines as SVG, slide and score as escaped text."""
+    root = "../../"
+    nav = [f'<a href="{root}index.html">Index</a>']
+    if page > 1:
+        nav.append(f'<a rel=prev href="{page - 1:04d}.html">&larr; Page {page - 1}</a>')
+    if page < n_pages:
+        nav.append(f'<a rel=next href="{page + 1:04d}.html">Page {page + 1} &rarr;</a>')
+    figures = []
+    for row in rows.itertuples(index=False):
+        cell_id = str(row.cell_id)
+        points = " ".join(f"{x:g},{y:g}" for x, y in outlines.get(cell_id, []))
+        src = root + url(crop_path(str(row.tile_id), cell_id, image_format))
+        figures.append(
+            f'<figure class=cell data-cell="{_esc(cell_id)}">'
+            f"<div class=crop><img loading=lazy decoding=async width={output_px} height={output_px} "
+            f'alt="{_esc(cell_id)}" src="{_esc(src)}">'
+            f'<svg viewBox="0 0 {output_px} {output_px}"><polygon points="{points}"/></svg></div>'
+            f'<figcaption><span class=slide title="{_esc(row.slide)}">{_esc(row.slide)}</span> '
+            f"<span class=score>{float(row.score):.2f}</span></figcaption></figure>"
+        )
+    title = f"{cell_type.upper()} page {page} of {n_pages}"
+    return (
+        _head(title, root)
+        + f'<body data-root="{root}" data-cell-type="{_esc(cell_type)}" data-page="{page}">'
+        + _toolbar(title, nav)
+        + "<main class=grid>"
+        + "".join(figures)
+        + f'</main><script src="{root}assets/app.js"></script></body></html>'
+    )
+
+
+def _toolbar(title: str, nav: list[str]) -> str:
+    return (
+        f"<header><h1>{_esc(title)}</h1><nav>{' '.join(nav)}</nav>"
+        "<div class=tools><span id=progress></span> <span id=save-state class=state></span>"
+        "<label><input type=checkbox id=only-unlabelled> unlabelled only</label>"
+        "<label><input type=checkbox id=show-outlines checked> outlines</label>"
+        "<label>annotator <input id=annotator size=10 autocomplete=off></label>"
+        "<button id=download type=button>Download annotations JSON</button></div>"
+        "<p class=help>Click Yes / No / ? or press <kbd>y</kbd> <kbd>n</kbd> <kbd>u</kbd>; "
+        "arrows move.</p></header>"
+    )
+
+
+def render_index(pages: pd.DataFrame, cell_types: list[str], slides: list[str] | None = None) -> str:
+    """Counts per slide and cell type (every slide of ``slides``, zeros included), links to every page, and
+    a progress cell filled in by the script."""
+    counts = (
+        pages.groupby(["slide", "cell_type"])
+        .size()
+        .unstack(fill_value=0)
+        .reindex(columns=cell_types, fill_value=0)
+    )
+    if slides is not None:
+        counts = counts.reindex(sorted(set(slides) | set(counts.index)), fill_value=0)
+    head = "".join(f"<th>{_esc(t)}</th><th>labelled</th>" for t in cell_types)
+    body = []
+    for slide, row in counts.iterrows():
+        cells = "".join(
+            f'<td>{int(row[t])}</td><td class=done data-slide="{_esc(slide)}" data-type="{_esc(t)}"></td>'
+            for t in cell_types
+        )
+        body.append(f"<tr><th scope=row>{_esc(slide)}</th>{cells}</tr>")
+    links = []
+    for cell_type in cell_types:
+        of_type = pages[pages["cell_type"] == cell_type]
+        page_links = " ".join(
+            f'<a href="{url(page_path(cell_type, int(p)))}">{int(p)}</a>'
+            for p in sorted(of_type["page"].unique())
+        )
+        links.append(
+            f"<h2>{_esc(cell_type.upper())} ({len(of_type)} cells)</h2><p class=pages>{page_links}</p>"
+        )
+    return (
+        _head("mk-hspc annotation", "")
+        + '<body data-root="" class=index>'
+        + _toolbar("mk-hspc annotation", [])
+        + f"<main><table><thead><tr><th>slide</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        + "".join(links)
+        + '</main><script src="assets/app.js"></script></body></html>'
+    )
+
+
+def cells_index(pages: pd.DataFrame) -> dict[str, Any]:
+    """``cells.json``: ``{"version": 1, "cells": {cell_id: [slide, cell_type, page path]}}``."""
+    return {
+        "version": 1,
+        "cells": {
+            str(row.cell_id): [
+                str(row.slide),
+                str(row.cell_type),
+                page_path(str(row.cell_type), int(row.page)),
+            ]
+            for row in pages.itertuples(index=False)
+        },
+    }
+
+
+def asset_files() -> dict[str, bytes]:
+    folder = resources.files("mk_hspc.export") / "assets"
+    return {f"assets/{name}": (folder / name).read_bytes() for name in ASSET_NAMES}
+
+
+def page_files(
+    pages: pd.DataFrame,
+    outlines: Mapping[str, list[tuple[float, float]]],
+    cell_types: list[str],
+    output_px: Mapping[str, int],
+    image_format: str,
+    slides: list[str] | None = None,
+) -> dict[str, bytes]:
+    """Index, cells index, assets and every page, as bytes."""
+    files = {"index.html": render_index(pages, cell_types, slides).encode(), **asset_files()}
+    files[CELLS_INDEX] = json.dumps(cells_index(pages), separators=(",", ":")).encode()
+    for cell_type in cell_types:
+        of_type = pages[pages["cell_type"] == cell_type]
+        n_pages = int(of_type["page"].max()) if len(of_type) else 0
+        for page, rows in of_type.groupby("page", sort=True):
+            files[page_path(cell_type, int(page))] = render_page(
+                cell_type, int(page), n_pages, rows, outlines, output_px[cell_type], image_format
+            ).encode()
+    return files
