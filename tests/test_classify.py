@@ -25,7 +25,10 @@ from mk_hspc.classify.tracking import (
 )
 
 STAMP = "2026-11-30T06:00:00Z"
-RF = {"class": "sklearn.ensemble.RandomForestClassifier", "params": {"n_estimators": 15, "class_weight": "balanced", "random_state": 0}}
+RF = {
+    "class": "sklearn.ensemble.RandomForestClassifier",
+    "params": {"n_estimators": 15, "class_weight": "balanced", "random_state": 0},
+}
 GATES = {"accuracy": 0.75, "precision": 0.70, "recall": 0.70}
 
 
@@ -98,7 +101,9 @@ def test_invalid_labels_fail_naming_each_entry() -> None:
 def test_unknown_cell_ids_fail_naming_them() -> None:
     cells = make_cells()
     doc = labels_doc(cells)
-    doc["labels"].append({"cell_id": "OTHER_s0_r000_c000_mk_00099", "label": "yes", "annotator": "a", "updated_at": STAMP})
+    doc["labels"].append(
+        {"cell_id": "OTHER_s0_r000_c000_mk_00099", "label": "yes", "annotator": "a", "updated_at": STAMP}
+    )
     with pytest.raises(LabelsError, match="OTHER_s0_r000_c000_mk_00099"):
         build_training_set(doc, cells, "mk", features_of(cells))
 
@@ -110,7 +115,12 @@ def test_unsure_and_conflicting_labels_are_reported_not_trained_on() -> None:
     conflicting, unsure, agreed = mk_ids[0], mk_ids[1], mk_ids[2]
     doc["labels"] = [e for e in doc["labels"] if e["cell_id"] != unsure]
     doc["labels"] += [
-        {"cell_id": conflicting, "label": "no" if cells.set_index("cell_id").truth[conflicting] else "yes", "annotator": "b", "updated_at": STAMP},
+        {
+            "cell_id": conflicting,
+            "label": "no" if cells.set_index("cell_id").truth[conflicting] else "yes",
+            "annotator": "b",
+            "updated_at": STAMP,
+        },
         {"cell_id": unsure, "label": "unsure", "annotator": "a", "updated_at": STAMP},
         {"cell_id": agreed, "label": "unsure", "annotator": "b", "updated_at": STAMP},  # abstains
     ]
@@ -121,7 +131,13 @@ def test_unsure_and_conflicting_labels_are_reported_not_trained_on() -> None:
     assert agreed in set(training_set["cell_id"])
     assert summary["n_training"] == len(mk_ids) - 2 == summary["n_yes"] + summary["n_no"]
     assert summary["n_label_entries_other_types"] == (cells["cell_type"] == "hspc").sum()
-    assert set(training_set.columns) == {"cell_id", "slide", "y", "morphology_area_um2", "morphology_solidity"}
+    assert set(training_set.columns) == {
+        "cell_id",
+        "slide",
+        "y",
+        "morphology_area_um2",
+        "morphology_solidity",
+    }
 
 
 # -------------------------------------------------------------------------------------- grouped CV
@@ -154,7 +170,9 @@ def test_good_labels_pass_and_flipped_labels_fail_the_gates() -> None:
     assert validation.passed and validation.failing == []
     assert {f["validation_slides"][0] for f in validation.folds} == set(cells["slide"])
     poor, _ = build_training_set(labels_doc(cells, flip=True), cells, "hspc", features_of(cells))
-    poor.loc[poor.index % 2 == 0, "y"] = 1 - poor.loc[poor.index % 2 == 0, "y"]  # half right, half wrong: noise
+    poor.loc[poor.index % 2 == 0, "y"] = (
+        1 - poor.loc[poor.index % 2 == 0, "y"]
+    )  # half right, half wrong: noise
     validation = training.cross_validate(poor, training.make_estimator(RF), GATES, n_splits=4)
     assert not validation.passed and validation.failing
     for gate in validation.failing:
@@ -167,7 +185,11 @@ def test_good_labels_pass_and_flipped_labels_fail_the_gates() -> None:
 def store(tmp_path_factory: pytest.TempPathFactory):
     """One store for the module (creating an MLflow SQLite schema takes seconds); names differ per test."""
     return resolve_store(
-        {"tracking_uri": "sqlite:///mlflow/mlflow.db", "artifact_location": "mlflow/artifacts", "experiment": "t"},
+        {
+            "tracking_uri": "sqlite:///mlflow/mlflow.db",
+            "artifact_location": "mlflow/artifacts",
+            "experiment": "t",
+        },
         tmp_path_factory.mktemp("project"),
     )
 
@@ -305,7 +327,10 @@ def test_simulated_annotator_matches_its_own_type_one_to_one() -> None:
     doc = simulated_labels(list(cells["cell_id"]), matched)
     assert labels_table(doc)["label"].tolist() == ["yes", "no", "no", "yes", "no"]
     # Today's demo truth (no is_target column, only mk/hspc rows) works the same.
-    assert true_matches(cells, truth.drop(columns="is_target").iloc[:2], meta, {"mk": 10.0, "hspc": 4.0}).sum() == 2
+    assert (
+        true_matches(cells, truth.drop(columns="is_target").iloc[:2], meta, {"mk": 10.0, "hspc": 4.0}).sum()
+        == 2
+    )
 
 
 # ------------------------------------------------------------------------------ active learning
@@ -338,8 +363,13 @@ def test_group_comparison_uses_a_rank_test_and_shows_n() -> None:
     )
     table = results.group_comparison(counts)
     row = table.iloc[0]
-    assert row["test"] == "Mann-Whitney U" and row["n_per_group"] == "A: 3, B: 3"
-    assert row["p_value"] == pytest.approx(0.1, abs=1e-9)  # exact two-sided p for complete separation, n = 3 + 3
+    assert row["test"] == "Mann-Whitney U" and row["n_per_level"] == "A: 3, B: 3" and row["factor"] == "group"
+    assert row["p_value"] == pytest.approx(
+        0.1, abs=1e-9
+    )  # exact two-sided p for complete separation, n = 3 + 3
     single = results.group_comparison(counts.assign(group=[f"g{i}" for i in range(6)]))
     assert np.isnan(single.iloc[0]["p_value"]) and "2 slides" in single.iloc[0]["note"]
+    sex = pd.DataFrame({"slide": counts["slide"], "group": counts["group"], "sex": ["F", "M"] * 3})
+    by_factor = results.group_comparison(counts, sex).set_index("factor")
+    assert by_factor.loc["sex", "n_per_level"] == "F: 3, M: 3" and by_factor.loc["group", "p_value"] < 0.2
     assert json.dumps(table.to_dict("records"), default=str)

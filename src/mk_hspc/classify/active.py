@@ -16,9 +16,7 @@ def uncertainty(probability: np.ndarray) -> np.ndarray:
     return 1.0 - np.abs(2.0 * np.asarray(probability, float) - 1.0)
 
 
-def next_batch(
-    candidates: pd.DataFrame, batch_size: int, *, min_distance_um: float = 0.0
-) -> pd.DataFrame:
+def next_batch(candidates: pd.DataFrame, batch_size: int, *, min_distance_um: float = 0.0) -> pd.DataFrame:
     """Pick ``batch_size`` candidates (``cell_id, slide, probability, centroid_x_um, centroid_y_um``).
 
     Returns:

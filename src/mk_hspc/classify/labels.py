@@ -62,7 +62,9 @@ def labels_table(document: Mapping[str, Any], *, source: str = "labels") -> pd.D
             continue
         cell_id, label = str(entry["cell_id"]), entry["label"]
         if label not in LABEL_VALUES:
-            problems.append(f"{where} ({cell_id}): invalid label {label!r}; allowed: {', '.join(LABEL_VALUES)}")
+            problems.append(
+                f"{where} ({cell_id}): invalid label {label!r}; allowed: {', '.join(LABEL_VALUES)}"
+            )
             continue
         try:
             cell_type = cell_type_of(cell_id)
@@ -80,8 +82,13 @@ def labels_table(document: Mapping[str, Any], *, source: str = "labels") -> pd.D
     for (cell_id, annotator), _ in twice.groupby(["cell_id", "annotator"]):
         problems.append(f"{cell_id}: more than one entry by annotator {annotator!r}")
     if problems:
-        shown = problems[:MAX_NAMED] + ([f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else [])
-        raise LabelsError(f"{source}: {len(problems)} invalid entr{'y' if len(problems) == 1 else 'ies'}:\n  " + "\n  ".join(shown))
+        shown = problems[:MAX_NAMED] + (
+            [f"... and {len(problems) - MAX_NAMED} more"] if len(problems) > MAX_NAMED else []
+        )
+        raise LabelsError(
+            f"{source}: {len(problems)} invalid entr{'y' if len(problems) == 1 else 'ies'}:\n  "
+            + "\n  ".join(shown)
+        )
     return table
 
 

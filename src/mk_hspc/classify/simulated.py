@@ -38,11 +38,15 @@ def true_matches(
     if "is_target" in truth.columns:
         targets = truth[truth["is_target"].astype(bool)]
     matched = pd.Series(False, index=cells["cell_id"].astype(str), name="is_true_cell")
-    for (slide, cell_type), group in cells.groupby([cells["slide"].astype(str), cells["cell_type"].astype(str)]):
+    for (slide, cell_type), group in cells.groupby(
+        [cells["slide"].astype(str), cells["cell_type"].astype(str)]
+    ):
         if cell_type not in radius_um:
             raise KeyError(f"no matching radius for cell type {cell_type!r} (simulated annotator radius_um)")
         px_um = float(slide_meta[slide]["pixel_size_um"])
-        true = targets[(targets["slide"].astype(str) == slide) & (targets["cell_type"].astype(str) == cell_type)]
+        true = targets[
+            (targets["slide"].astype(str) == slide) & (targets["cell_type"].astype(str) == cell_type)
+        ]
         true_xy = true[["centroid_x_px", "centroid_y_px"]].to_numpy(float) * px_um
         pred_xy = group[["centroid_x_um", "centroid_y_um"]].to_numpy(float)
         _, _, _, pairs = match_points(pred_xy, true_xy, float(radius_um[cell_type]))

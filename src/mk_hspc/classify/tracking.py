@@ -149,7 +149,9 @@ def log_training_run(
             mlflow.log_dict(payload, name)
         if model is None:
             return report
-        signature = infer_signature(example, model.predict_proba(example)[:, 1]) if example is not None else None
+        signature = (
+            infer_signature(example, model.predict_proba(example)[:, 1]) if example is not None else None
+        )
         options = {
             "serialization_format": "skops",
             "skops_trusted_types": list(REVIEWED_TYPES),
@@ -239,8 +241,12 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
         raise ModelNotValidatedError(f"{where}: {path} is not a readable skops file ({exc})") from None
     foreign = [t for t in untrusted if t not in REVIEWED_TYPES]
     if foreign:
-        raise ModelNotValidatedError(f"{where}: {path} would instantiate unreviewed types {foreign}; refusing")
+        raise ModelNotValidatedError(
+            f"{where}: {path} would instantiate unreviewed types {foreign}; refusing"
+        )
     model = skops.io.load(path, trusted=untrusted)
     signature = mlmodel.get("signature") or {}
     inputs = json.loads(signature.get("inputs") or "[]")
-    return LoadedModel(model, registered_model, int(version.version), version.run_id, [c["name"] for c in inputs], sha)
+    return LoadedModel(
+        model, registered_model, int(version.version), version.run_id, [c["name"] for c in inputs], sha
+    )

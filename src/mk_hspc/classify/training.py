@@ -49,7 +49,9 @@ def make_estimator(estimator_conf: Mapping[str, Any]) -> ClassifierMixin:
     """
     path = str(estimator_conf["class"])
     if not path.startswith(ALLOWED_ESTIMATOR_PACKAGE):
-        raise ValueError(f"estimator class {path!r}: only scikit-learn classes ({ALLOWED_ESTIMATOR_PACKAGE}*) are allowed")
+        raise ValueError(
+            f"estimator class {path!r}: only scikit-learn classes ({ALLOWED_ESTIMATOR_PACKAGE}*) are allowed"
+        )
     module_name, _, class_name = path.rpartition(".")
     estimator_class = getattr(importlib.import_module(module_name), class_name)
     return estimator_class(**dict(estimator_conf.get("params") or {}))
@@ -65,7 +67,9 @@ def grouped_splits(groups: np.ndarray, n_splits: int) -> Iterator[tuple[np.ndarr
     groups = np.asarray(groups).astype(str)
     n_slides = len(np.unique(groups))
     if n_slides < 2:
-        raise ValueError(f"cross-validation by slide needs labelled cells from at least 2 slides, got {n_slides}")
+        raise ValueError(
+            f"cross-validation by slide needs labelled cells from at least 2 slides, got {n_slides}"
+        )
     for train_idx, valid_idx in GroupKFold(n_splits=min(n_splits, n_slides)).split(groups, groups=groups):
         shared = set(groups[train_idx]) & set(groups[valid_idx])
         if shared:
@@ -148,13 +152,20 @@ def gate_metrics(y: np.ndarray, probability: np.ndarray, threshold: float = 0.5)
     return metrics
 
 
-def judge(metrics: Mapping[str, float], gates: Mapping[str, float]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def judge(
+    metrics: Mapping[str, float], gates: Mapping[str, float]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Each gate's value, threshold, margin (value - threshold) and verdict; the failing gates' names."""
     verdict: dict[str, dict[str, Any]] = {}
     for name, threshold in sorted(gates.items()):
         value = float(metrics.get(name, float("nan")))
         margin = value - float(threshold)
-        verdict[name] = {"value": value, "threshold": float(threshold), "margin": margin, "passed": bool(margin >= 0)}
+        verdict[name] = {
+            "value": value,
+            "threshold": float(threshold),
+            "margin": margin,
+            "passed": bool(margin >= 0),
+        }
     failing = [name for name, gate in verdict.items() if not gate["passed"]]
     return verdict, failing
 

@@ -82,7 +82,9 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
         metadata: free-form metadata, ignored by Kedro.
     """
 
-    def __init__(self, path: str, reuse_from: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str, reuse_from: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
         self._path = Path(path)
         self._reuse_from = Path(reuse_from) if reuse_from else None
         self.metadata = metadata
@@ -168,7 +170,9 @@ class TileStoreDataset(AbstractDataset[SegmentationPlan, TileStore]):
 def link_finished_tiles(source: Path, dest: Path, tile_sample: Any) -> int:
     """Hard-link (or copy, across file systems) ``source``'s tile files that ``dest`` lacks; returns how many."""
     linked = 0
-    for tile_id, slide in zip(tile_sample["tile_id"].astype(str), tile_sample["slide"].astype(str), strict=True):
+    for tile_id, slide in zip(
+        tile_sample["tile_id"].astype(str), tile_sample["slide"].astype(str), strict=True
+    ):
         src, dst = tile_path(source, tile_id, slide), tile_path(dest, tile_id, slide)
         if not src.is_file() or dst.exists():
             continue

@@ -41,7 +41,9 @@ def apply_validated_models(
         cell_type = classifier["cell_type"]
         loaded = load_validated_model(store, classifier["registered_model"])
         cells = full_cells[full_cells["cell_type"] == cell_type]
-        feature_set = "all" if any(not c.startswith("morphology_") for c in loaded.feature_names) else "morphology"
+        feature_set = (
+            "all" if any(not c.startswith("morphology_") for c in loaded.feature_names) else "morphology"
+        )
         features = candidate_features(cells, full_tile_store, feature_set)
         classified = results.classify_cells(cells, features, loaded.model, loaded.feature_names, threshold)
         frames.append(classified.assign(model_version=loaded.version, model_run_id=loaded.run_id))
@@ -56,18 +58,23 @@ def summarise_final_counts(
     full_tile_sample: pd.DataFrame,
     slide_meta: dict[str, dict[str, Any]],
     slide_groups: pd.DataFrame,
+    slide_sheet: pd.DataFrame | None,
     tissue_maps: Mapping[str, Callable[[], TissueMap]],
     train: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Figure]]:
-    """Counts and densities per slide (all tissue) and group, the group comparison, and the plots."""
+    """Counts and densities per slide (all tissue) and group, the group comparison (by ``group`` and every
+    other column of the slide sheet, e.g. sex and treatment), and the plots."""
     cell_types = sorted(c["cell_type"] for c in train["classifiers"].values())
     accepted = final_cells[final_cells["is_cell"].astype(bool)]
     counts = count_cells(accepted, full_tile_sample, slide_meta, slide_groups, cell_types)
     counts = counts.rename(columns={"sampled_tissue_mm2": "tissue_mm2"})
-    comparison = results.group_comparison(counts)
+    comparison = results.group_comparison(counts, results.slide_factors(slide_groups, slide_sheet))
     plots = {
-        "counts_by_group": results.counts_figure(counts),
-        "area_histograms": results.area_histograms(final_cells),
-        **results.density_maps(final_cells, tissue_maps, cell_types),
+        "counts_by_group.png": results.counts_figure(counts),
+        "area_histograms.png": results.area_histograms(final_cells),
+        **{
+            f"{name}.png": fig
+            for name, fig in results.density_maps(final_cells, tissue_maps, cell_types).items()
+        },
     }
     return counts, comparison, plots

@@ -31,7 +31,15 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.summarise_final_counts,
-                ["final_cells", "full_tile_sample", "slide_meta", "slide_groups", "tissue_maps", "params:train"],
+                [
+                    "final_cells",
+                    "full_tile_sample",
+                    "slide_meta",
+                    "slide_groups",
+                    "slide_sheet",
+                    "tissue_maps",
+                    "params:train",
+                ],
                 ["final_counts", "group_comparison", "final_plots"],
                 name="summarise_final_counts",
             ),

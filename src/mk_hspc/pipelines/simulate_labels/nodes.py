@@ -19,5 +19,7 @@ def simulate_demo_labels(
     """Yes/No for the picked candidates, from the demo's ground truth (see ``classify.simulated``)."""
     matched = true_matches(cells, demo_ground_truth, slide_meta, simulated_annotator["radius_um"])
     n_per_type = simulated_annotator.get("n_per_type")
-    picked = pick_cells(cells, None if n_per_type is None else int(n_per_type), int(simulated_annotator["seed"]))
+    picked = pick_cells(
+        cells, None if n_per_type is None else int(n_per_type), int(simulated_annotator["seed"])
+    )
     return simulated_labels(picked, matched)

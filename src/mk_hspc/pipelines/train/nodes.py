@@ -52,7 +52,9 @@ def make_training_set(
     """Labelled candidates of this classifier's type with their features, and the summary of the labels."""
     cell_type = classifier["cell_type"]
     table = labels_table(labels)
-    own = sorted(set(table.loc[table["cell_type"] == cell_type, "cell_id"]) & set(cells["cell_id"].astype(str)))
+    own = sorted(
+        set(table.loc[table["cell_type"] == cell_type, "cell_id"]) & set(cells["cell_id"].astype(str))
+    )
     features = candidate_features(cells, tile_store, train["feature_set"], own)
     training_set, summary = build_training_set(labels, cells, cell_type, features)
     summary["feature_set"] = train["feature_set"]
@@ -94,7 +96,13 @@ def train_classifier(
             passed=False,
             failing=sorted(train["gates"]),
         )
-        validation.gates["trainable"] = {"value": 0.0, "threshold": 1.0, "margin": -1.0, "passed": False, "reason": reason}
+        validation.gates["trainable"] = {
+            "value": 0.0,
+            "threshold": 1.0,
+            "margin": -1.0,
+            "passed": False,
+            "reason": reason,
+        }
         validation.failing.append("trainable")
         model = None
     else:
@@ -117,7 +125,10 @@ def train_classifier(
         **{f"gate.{k}": v for k, v in train["gates"].items()},
         "n_features": training_summary["n_features"],
     }
-    counts = {k: training_summary[k] for k in ("n_training", "n_yes", "n_no", "n_unsure", "n_conflicting", "n_slides")}
+    counts = {
+        k: training_summary[k]
+        for k in ("n_training", "n_yes", "n_no", "n_unsure", "n_conflicting", "n_slides")
+    }
     counts["train_seconds"] = seconds
     report = log_training_run(
         resolve_store(train["mlflow"]),

@@ -41,7 +41,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 classifier_pipeline(),
                 namespace=cell_type,
                 inputs={"labels", "cells", "tile_store"},
-                parameters={"params:train": "params:train", "params:classifier": f"params:train.classifiers.{cell_type}"},
+                parameters={
+                    "params:train": "params:train",
+                    "params:classifier": f"params:train.classifiers.{cell_type}",
+                },
             )
             for cell_type in CELL_TYPES
         ),
