@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/tile_edges.py
 	$(PY) bench/faults.py
 	$(PY) bench/czi_subblock_enumeration.py
+	$(PY) bench/classification.py --project .
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete
