@@ -373,3 +373,55 @@ def test_group_comparison_uses_a_rank_test_and_shows_n() -> None:
     by_factor = results.group_comparison(counts, sex).set_index("factor")
     assert by_factor.loc["sex", "n_per_level"] == "F: 3, M: 3" and by_factor.loc["group", "p_value"] < 0.2
     assert json.dumps(table.to_dict("records"), default=str)
+
+
+# ---------------------------------------------------------------------------------- configuration
+def test_every_configured_estimator_trains_and_is_storable_as_skops() -> None:
+    import skops.io
+    import yaml
+
+    from mk_hspc.classify.tracking import REVIEWED_TYPES
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf" / "base" / "parameters_train.yml").read_text())
+    estimators = conf["train"]["estimators"]
+    assert conf["train"]["estimator"] == "random_forest"
+    assert estimators["random_forest"]["params"]["class_weight"] == "balanced"
+    cells = make_cells()
+    training_set, _ = build_training_set(labels_doc(cells), cells, "hspc", features_of(cells))
+    for name, estimator_conf in estimators.items():
+        small = {**estimator_conf, "params": {**estimator_conf["params"]}}
+        small["params"]["n_estimators" if "n_estimators" in small["params"] else "max_iter"] = 10
+        model = training.fit_final(training_set, training.make_estimator(small))
+        untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+        assert set(untrusted) <= set(REVIEWED_TYPES), name
+
+
+def test_train_parameters_are_checked_by_the_schema() -> None:
+    import copy
+
+    import yaml
+
+    from mk_hspc.params_schema import ParameterError, Train
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf" / "base" / "parameters_train.yml").read_text())
+    Train.model_validate(conf["train"])
+    bad = copy.deepcopy(conf["train"])
+    bad["estimator"] = "svm"
+    bad["gates"]["precision"] = 1.5
+    bad["estimators"]["random_forest"]["class"] = "os.system"
+    bad["classifiers"]["mk"]["cell_type"] = "hspc"
+    from mk_hspc.params_schema import validate_parameters
+
+    base = Path(__file__).parents[1] / "conf" / "base"
+    params = {}
+    for name in ("demo", "ingestion", "segmentation"):
+        params.update(yaml.safe_load((base / f"parameters_{name}.yml").read_text()))
+    params["demo"]["slide_sheet"] = "sheet.csv"
+    params["ingestion"]["slides_dir"] = "slides"
+    params["ingestion"]["pixel_size_um_override"] = None
+    params["train"] = bad
+    with pytest.raises(ParameterError) as error:
+        validate_parameters(params)
+    message = str(error.value)
+    assert "train.gates.precision" in message and "train.estimators.random_forest.class" in message
+    assert "train.classifiers" in message
