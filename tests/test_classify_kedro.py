@@ -15,10 +15,11 @@ from mk_hspc.classify.tracking import VALIDATED_ALIAS
 from mk_hspc.datasets.atomic import AtomicDataset
 from tests.conftest import kedro, make_project_copy
 
-# The tiny demo of test_kedro_project, with the segmenters' score floors at 0 (recall-first candidates, so
-# today's demo yields some false candidates to learn from) and small forests.
+# The tiny demo of test_kedro_project with more MKs (~5-25 per slide instead of 1-7, so that 10% is a
+# count a classifier can meet), the segmenters' score floors at 0 (recall-first candidates, so today's demo
+# yields some false candidates to learn from) and small forests.
 RUN = (
-    "demo.spec=small,ingestion.tiles.tile_px=1000,ingestion.sampling.fraction=0.5,"
+    "demo.spec=small,demo.overrides.mk_per_mm2=250.0,ingestion.tiles.tile_px=1000,ingestion.sampling.fraction=0.5,"
     "ingestion.tissue.map_um_per_px=4.0,segmentation.runtime.progress=false,"
     "segmentation.segmenters.mk.params.classical.min_score=0.0,"
     "segmentation.segmenters.hspc.params.classical.min_score=0.0,"
