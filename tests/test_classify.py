@@ -425,3 +425,25 @@ def test_train_parameters_are_checked_by_the_schema() -> None:
     message = str(error.value)
     assert "train.gates.precision" in message and "train.estimators.random_forest.class" in message
     assert "train.classifiers" in message
+
+
+def test_full_store_links_finished_tiles_and_never_changes_the_sampled_ones(tmp_path: Path) -> None:
+    import os
+
+    from mk_hspc.datasets.tile_store import link_finished_tiles
+    from mk_hspc.tile_store import tile_path
+
+    sampled, full = tmp_path / "sampled", tmp_path / "full"
+    tiles = pd.DataFrame({"tile_id": ["s1_s0_r000_c000", "s1_s0_r000_c001"], "slide": ["s1", "s1"]})
+    source = tile_path(sampled, "s1_s0_r000_c000", "s1")
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"finished tile")
+    assert link_finished_tiles(sampled, full, tiles) == 1  # the other tile has no file to reuse
+    linked = tile_path(full, "s1_s0_r000_c000", "s1")
+    assert linked.read_bytes() == b"finished tile" and linked.stat().st_ino == source.stat().st_ino
+    assert link_finished_tiles(sampled, full, tiles) == 0  # present already: left alone
+    # A tile recomputed in the full store is written through a temporary file and a rename (tile_store).
+    replacement = linked.with_name("tmp.h5")
+    replacement.write_bytes(b"recomputed")
+    os.replace(replacement, linked)
+    assert source.read_bytes() == b"finished tile"
