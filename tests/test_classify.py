@@ -447,3 +447,36 @@ def test_full_store_links_finished_tiles_and_never_changes_the_sampled_ones(tmp_
     replacement.write_bytes(b"recomputed")
     os.replace(replacement, linked)
     assert source.read_bytes() == b"finished tile"
+
+
+def test_feature_set_all_adds_every_extractor_of_the_tile_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from mk_hspc.pipelines.train import nodes
+
+    cells = make_cells(n_slides=2, per_slide=4)
+    ids = cells["cell_id"].tolist()
+    resnet = pd.DataFrame(
+        np.arange(len(ids) * 3, dtype=float).reshape(-1, 3),
+        index=ids,
+        columns=["resnet50_0000", "resnet50_0001", "resnet50_0002"],
+    )
+    store = SimpleNamespace(
+        root=Path("store"),
+        tiles={"t0": "demo_00"},
+        read=lambda tile_id, include_labels: SimpleNamespace(features={"morphology": None, "resnet50": None}),
+    )
+    asked = []
+
+    def fake_load_features(root, name, cell_ids):
+        asked.append((name, list(cell_ids)))
+        return resnet.loc[list(cell_ids)]
+
+    monkeypatch.setattr(nodes, "load_features", fake_load_features)
+    morphology = nodes.candidate_features(cells, store, "morphology", ids[:3])
+    assert list(morphology.columns) == ["morphology_area_um2", "morphology_solidity"]
+    everything = nodes.candidate_features(cells, store, "all", ids[:3])
+    assert list(everything.columns) == [*morphology.columns, *resnet.columns]
+    assert everything.index.tolist() == ids[:3] and asked == [("resnet50", ids[:3])]
+    with pytest.raises(ValueError, match="feature_set"):
+        nodes.candidate_features(cells, store, "sam2", ids)
