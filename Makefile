@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/demo_study.py
 	$(PY) bench/export_bench.py
 	$(PY) bench/annotation_server_bench.py
+	$(PY) bench/classification.py --project .
 
 clean-data:
 	find data -mindepth 2 ! -name .gitkeep -delete

@@ -161,7 +161,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones() -> None:
     assert problems_of(params) == [
         "demo.overrides.n_slide: unknown key; allowed: " + ", ".join(_demo_spec_fields()),
         "ingestion.tiles.overlap_px: unknown key; allowed: tile_px, largest_cell_um, min_tissue_fraction",
-        "exports: unknown key; allowed: demo, ingestion, segmentation, export, annotate",
+        "exports: unknown key; allowed: demo, ingestion, segmentation, export, annotate, train, simulated_annotator",
     ]
 
 

@@ -290,6 +290,69 @@ class Annotate(_Block):
     max_import_bytes: int = Field(50_000_000, ge=1024)
 
 
+# -------------------------------------------------------------------------------------- classification
+class EstimatorConf(_Block):
+    """A scikit-learn classifier: its import path (``sklearn.*`` only) and keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    class_: str = Field(alias="class", pattern=r"^sklearn\.[A-Za-z0-9_.]+$")
+    params: dict[str, Any] = {}
+
+
+class ClassifierConf(_Block):
+    cell_type: str
+    registered_model: str = Field(min_length=1)
+
+
+class Gates(_Block):
+    accuracy: Fraction = 0.75
+    precision: Fraction = 0.70
+    recall: Fraction = 0.70
+
+
+class MlflowConf(_Block):
+    tracking_uri: str
+    artifact_location: str
+    experiment: str = Field(min_length=1)
+
+
+class ActiveLearning(_Block):
+    batch_size: Count = 50
+    min_distance_um: NonNegativeFloat = 15.0
+
+
+class Train(_Block):
+    feature_set: Literal["morphology", "all"] = "morphology"
+    estimator: str
+    estimators: dict[str, EstimatorConf] = Field(min_length=1)
+    cv_splits: int = Field(5, ge=2)
+    decision_threshold: Fraction = 0.5
+    gates: Gates = Gates()
+    classifiers: dict[str, ClassifierConf] = Field(min_length=1)
+    mlflow: MlflowConf
+    active_learning: ActiveLearning = ActiveLearning()
+
+    @field_validator("classifiers")
+    @classmethod
+    def _namespace_is_cell_type(cls, classifiers: dict[str, ClassifierConf]) -> dict[str, ClassifierConf]:
+        wrong = [name for name, conf in classifiers.items() if conf.cell_type != name]
+        if wrong:
+            raise ValueError(f"each classifier's cell_type must equal its key (namespace): {wrong}")
+        return classifiers
+
+    @model_validator(mode="after")
+    def _estimator_is_configured(self) -> Train:
+        if self.estimator not in self.estimators:
+            raise ValueError(f"estimator {self.estimator!r} is not a key of train.estimators")
+        return self
+
+
+class SimulatedAnnotator(_Block):
+    radius_um: dict[str, PositiveFloat] = Field(min_length=1)
+    n_per_type: Count | None = None
+    seed: int = 0
+
+
 class Parameters(_Block):
     """Every parameters block (``params:<block>`` in the pipelines)."""
 
@@ -298,6 +361,8 @@ class Parameters(_Block):
     segmentation: Segmentation
     export: Export
     annotate: Annotate
+    train: Train | None = None
+    simulated_annotator: SimulatedAnnotator | None = None
 
 
 # ------------------------------------------------------------------------------------------ validation

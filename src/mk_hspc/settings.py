@@ -4,6 +4,8 @@ Environments: `base` (embedded default: demo slides + classical segmenter), `loc
 git-ignored, the default run env) and `gpu` (learned models: ``kedro run --env gpu``).
 """
 
+import os
+
 from kedro.config import OmegaConfigLoader
 
 from mk_hspc.hooks import ParameterValidationHooks, ProvenanceHooks, RunLockHooks
@@ -11,6 +13,10 @@ from mk_hspc.hooks import ParameterValidationHooks, ProvenanceHooks, RunLockHook
 # Parameters are validated first (tryfirst), then the run lock is taken; provenance checks each node's inputs
 # and hands its outputs their lineage.
 HOOKS = (ParameterValidationHooks(), RunLockHooks(), ProvenanceHooks())
+
+# MLflow never unpickles in this project: models are stored with skops and loaded by
+# mk_hspc.classify.tracking.load_validated_model after its own checks (see the README's Classification).
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -83,11 +85,18 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
 
     Args:
         path: the store's folder.
+        reuse_from: another store folder (e.g. the sampled run's, for the full run) whose tile files are
+            hard-linked into this one before the plan runs, for tiles this store lacks. The run then
+            skips each linked tile made with the same fingerprint and rewrites any other one (tile writes
+            replace the directory entry, so the other store's file is never changed).
         metadata: free-form metadata, ignored by Kedro.
     """
 
-    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str, reuse_from: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
         self._path = Path(path)
+        self._reuse_from = Path(reuse_from) if reuse_from else None
         self.metadata = metadata
         self.lineage: dict[str, str] = {}  # set by ProvenanceHooks just before a save
 
@@ -109,6 +118,8 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
 
     def _save_locked(self, data: SegmentationPlan) -> None:
         manifest_path(self._path).unlink(missing_ok=True)  # incomplete until this run has finished
+        if self._reuse_from is not None and self._reuse_from.resolve() != self._path.resolve():
+            link_finished_tiles(self._reuse_from, self._path, data.tile_sample)
         summary = data.run(self._path)
         failures_file = self._path / FAILURES_NAME
         write_json_atomic(failures_file, summary.failed_tiles)
@@ -175,7 +186,25 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
         return TileStore(self._path, self.verified_manifest())
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": str(self._path)}
+        return {"path": str(self._path), "reuse_from": str(self._reuse_from) if self._reuse_from else None}
+
+
+def link_finished_tiles(source: Path, dest: Path, tile_sample: Any) -> int:
+    """Hard-link (or copy, across file systems) ``source``'s tile files that ``dest`` lacks; returns how many."""
+    linked = 0
+    for tile_id, slide in zip(
+        tile_sample["tile_id"].astype(str), tile_sample["slide"].astype(str), strict=True
+    ):
+        src, dst = tile_path(source, tile_id, slide), tile_path(dest, tile_id, slide)
+        if not src.is_file() or dst.exists():
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+        linked += 1
+    return linked
 
 
 def read_failures(store_path: str | Path) -> list[dict[str, str]]:

@@ -1,0 +1,80 @@
+"""The full run: every tissue tile segmented (reusing finished sampled tiles), validated models applied,
+counts and densities per slide and group, plots and the group comparison."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from mk_hspc.classify import results
+from mk_hspc.classify.tracking import load_validated_model, resolve_store
+from mk_hspc.counts import count_cells
+from mk_hspc.datasets.tile_store import TileStore
+from mk_hspc.pipelines.train.nodes import candidate_features
+from mk_hspc.tiling import sample_tiles
+from mk_hspc.tissue.maps import TissueMap
+
+logger = logging.getLogger(__name__)
+
+
+def make_full_tile_sample(tile_index: pd.DataFrame) -> pd.DataFrame:
+    """Every tissue tile, in the tile sample's layout (a sample of fraction 1.0)."""
+    return sample_tiles(tile_index, fraction=1.0, seed=0)
+
+
+def apply_validated_models(
+    full_cells: pd.DataFrame, full_tile_store: TileStore, train: Mapping[str, Any]
+) -> pd.DataFrame:
+    """Every candidate with ``probability`` (P(yes) from its type's validated model) and ``is_cell``.
+
+    Raises:
+        ModelNotValidatedError: a cell type has no registered model that passed its gates.
+    """
+    store = resolve_store(train["mlflow"])
+    threshold = float(train["decision_threshold"])
+    frames = []
+    for classifier in train["classifiers"].values():
+        cell_type = classifier["cell_type"]
+        loaded = load_validated_model(store, classifier["registered_model"])
+        cells = full_cells[full_cells["cell_type"] == cell_type]
+        feature_set = (
+            "all" if any(not c.startswith("morphology_") for c in loaded.feature_names) else "morphology"
+        )
+        features = candidate_features(cells, full_tile_store, feature_set)
+        classified = results.classify_cells(cells, features, loaded.model, loaded.feature_names, threshold)
+        frames.append(classified.assign(model_version=loaded.version, model_run_id=loaded.run_id))
+        logger.info("%s: %d of %d candidates accepted by %s version %d",
+                    cell_type, int(classified["is_cell"].sum()), len(classified),
+                    loaded.registered_model, loaded.version)  # fmt: skip
+    return pd.concat(frames, ignore_index=True) if frames else full_cells.iloc[:0]
+
+
+def summarise_final_counts(
+    final_cells: pd.DataFrame,
+    full_tile_sample: pd.DataFrame,
+    slide_meta: dict[str, dict[str, Any]],
+    slide_groups: pd.DataFrame,
+    slide_sheet: pd.DataFrame | None,
+    tissue_maps: Mapping[str, Callable[[], TissueMap]],
+    train: Mapping[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Figure]]:
+    """Counts and densities per slide (all tissue) and group, the group comparison (by ``group`` and every
+    other column of the slide sheet, e.g. sex and treatment), and the plots."""
+    cell_types = sorted(c["cell_type"] for c in train["classifiers"].values())
+    accepted = final_cells[final_cells["is_cell"].astype(bool)]
+    counts = count_cells(accepted, full_tile_sample, slide_meta, slide_groups, cell_types)
+    counts = counts.rename(columns={"sampled_tissue_mm2": "tissue_mm2"})
+    comparison = results.group_comparison(counts, results.slide_factors(slide_groups, slide_sheet))
+    plots = {
+        "counts_by_group.png": results.counts_figure(counts),
+        "area_histograms.png": results.area_histograms(final_cells),
+        **{
+            f"{name}.png": fig
+            for name, fig in results.density_maps(final_cells, tissue_maps, cell_types).items()
+        },
+    }
+    return counts, comparison, plots
