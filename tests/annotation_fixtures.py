@@ -73,6 +73,7 @@ def _cells_of(
             "bbox_y": (y + props["bbox-0"]).astype(np.int64),
             "bbox_w": (props["bbox-3"] - props["bbox-1"]).astype(np.int64),
             "bbox_h": (props["bbox-2"] - props["bbox-0"]).astype(np.int64),
+            "wider_than_overlap": np.zeros(n, bool),
         },
         columns=list(CELL_COLUMNS),
     )
