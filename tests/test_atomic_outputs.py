@@ -19,7 +19,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from mk_hspc.datasets.atomic import AtomicDataset, StaleOutputError  # noqa: E402
-from mk_hspc.hooks import StaleInputError, check_inputs_belong_together  # noqa: E402
+from mk_hspc.engine.fingerprint import digest  # noqa: E402
+from mk_hspc.hooks import ProvenanceHooks, StaleInputError, check_inputs_belong_together  # noqa: E402
 
 
 def table(n_rows: int, seed: int = 0) -> pd.DataFrame:
@@ -144,3 +145,39 @@ def test_consistent_inputs_pass_and_give_the_outputs_their_lineage() -> None:
         "tile_sample": "s",
         "tile_index": "t",
     }
+
+
+class _Node:
+    name = "summarise_cell_counts"
+
+
+class _Catalog:
+    """The two catalog calls the provenance hook makes: ``get(name)`` and that dataset's ``load``."""
+
+    def __init__(self, datasets: dict) -> None:
+        self.datasets = datasets
+
+    def get(self, name: str):
+        return self.datasets.get(name)
+
+
+class _Memory:
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def load(self):
+        return self.data
+
+
+def test_inputs_built_with_other_parameters_than_this_runs_are_refused(tmp_path: Path) -> None:
+    # A complete, self-consistent old state (e.g. ingestion killed before it wrote anything after the
+    # sampling fraction changed): no two inputs disagree, but the cells were built with the old fraction.
+    old, new = {"sampling": {"fraction": 0.5}}, {"sampling": {"fraction": 0.25}}
+    cells = AtomicDataset("pandas.ParquetDataset", str(tmp_path / "cells.parquet"))
+    cells.lineage = {"params:ingestion": digest(old)}
+    cells.save(table(3))
+    catalog = _Catalog({"cells": cells, "params:ingestion": _Memory(new)})
+    with pytest.raises(StaleInputError, match=r"'cells' was built with another 'params:ingestion'"):
+        ProvenanceHooks().before_node_run(_Node(), catalog, {"cells": table(3)})
+    catalog.datasets["params:ingestion"] = _Memory(old)
+    ProvenanceHooks().before_node_run(_Node(), catalog, {"cells": table(3)})  # current parameters: fine

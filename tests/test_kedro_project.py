@@ -146,6 +146,38 @@ def test_counts_on_an_old_cells_table_with_a_new_tile_sample_are_refused(finishe
         kedro(finished_copy, "run", "--nodes", "summarise_cell_counts", "--params", TINY_RUN)
 
 
+def test_counts_are_refused_when_ingestion_was_killed_before_it_wrote_anything_new(
+    finished_copy: Path,
+) -> None:
+    # The sampling fraction changes and ingestion is killed before its first new output: every output on
+    # disk is the old, self-consistent one. The counts node alone must still refuse: its cells were built
+    # with another params:ingestion than this run's.
+    new_fraction = TINY_RUN.replace("sampling.fraction=0.5", "sampling.fraction=0.25")
+    env = {
+        **os.environ,
+        "MK_HSPC_FAILPOINT": "atomic:slide_meta.json:written",
+        "KEDRO_DISABLE_TELEMETRY": "true",
+    }
+    killed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("kedro")),
+            "run",
+            "--pipeline",
+            "ingestion",
+            "--params",
+            new_fraction,
+        ],
+        cwd=finished_copy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed.returncode == -9
+    with pytest.raises(AssertionError, match="'cells' was built with another 'params:ingestion'"):
+        kedro(finished_copy, "run", "--nodes", "summarise_cell_counts", "--params", new_fraction)
+
+
 def test_only_missing_outputs_reruns_segmentation_when_the_store_is_gone(finished_copy: Path) -> None:
     shutil.rmtree(finished_copy / "data" / "03_primary" / "tile_store")
     kedro(finished_copy, "run", "--only-missing-outputs", "--params", TINY_RUN)

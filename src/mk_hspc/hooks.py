@@ -4,7 +4,9 @@ Provenance: every output written through :class:`~mk_hspc.datasets.atomic.Atomic
 store) records in its manifest the digests of the inputs it was built from, and theirs in turn. Before a
 node runs, its inputs must belong together: when one input records that it was built from another input
 (or from a common ancestor) with a different digest than the one present now, the node is refused, naming
-both. That is what stops, e.g., counting an old cells table against a new tile sample after a crash.
+both. That is what stops, e.g., counting an old cells table against a new tile sample after a crash. An input
+built with other parameters than this run's is refused too, even when it agrees with every other input (a
+run killed before it rewrote anything leaves an old state that is consistent, but not for these parameters).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ class StaleInputError(RuntimeError):
 
 def input_record(name: str, dataset: Any, data: Any) -> tuple[str, dict[str, str]] | None:
     """``(digest, lineage)`` of one node input, or None for inputs without provenance (raw files)."""
-    if name == "parameters" or name.startswith("params:"):
+    if _is_parameter(name):
         return digest(data), {}
     verified_manifest = getattr(dataset, "verified_manifest", None)
     if verified_manifest is None:
@@ -86,6 +88,39 @@ def check_inputs_belong_together(
     return lineage
 
 
+def _is_parameter(name: str) -> bool:
+    return name == "parameters" or name.startswith("params:")
+
+
+def check_parameters_are_current(
+    node_name: str,
+    records: Mapping[str, tuple[str, dict[str, str]]],
+    current_digest: Callable[[str], str | None],
+) -> None:
+    """Refuses inputs built with parameters other than this run's.
+
+    Args:
+        node_name: for the message.
+        records: ``input name -> (digest, lineage)`` of the inputs that have provenance.
+        current_digest: digest of a parameter (``params:ingestion``) as this run has it, None when unset.
+
+    Raises:
+        StaleInputError: an input's lineage records a parameter with another digest than the current one.
+    """
+    for name, (_, ancestors) in sorted(records.items()):
+        for ancestor, recorded in sorted(ancestors.items()):
+            if not _is_parameter(ancestor):
+                continue
+            current = current_digest(ancestor)
+            if current != recorded:
+                raise StaleInputError(
+                    f"Node {node_name!r}: its input {name!r} was built with another {ancestor!r} ({recorded}) "
+                    f"than this run's ({current or 'not set'}): it is stale (the parameters changed and the "
+                    f"nodes that build it have not run since, or were interrupted). Rerun from {ancestor!r} "
+                    f"(kedro run --from-inputs {ancestor}) or the whole pipeline."
+                )
+
+
 def _as_seen(holder: str, ancestor: str) -> str:
     return f"{ancestor!r}" if holder == ancestor else f"the {ancestor!r} that {holder!r} was built from"
 
@@ -106,6 +141,12 @@ class ProvenanceHooks:
             if record is not None:
                 records[name] = record
         self._lineage_by_node[node.name] = check_inputs_belong_together(node.name, records)
+
+        def current_digest(parameter: str) -> str | None:
+            dataset = catalog.get(parameter)
+            return None if dataset is None else digest(dataset.load())
+
+        check_parameters_are_current(node.name, records, current_digest)
 
     @hook_impl
     def before_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
