@@ -181,3 +181,13 @@ def test_inputs_built_with_other_parameters_than_this_runs_are_refused(tmp_path:
         ProvenanceHooks().before_node_run(_Node(), catalog, {"cells": table(3)})
     catalog.datasets["params:ingestion"] = _Memory(old)
     ProvenanceHooks().before_node_run(_Node(), catalog, {"cells": table(3)})  # current parameters: fine
+
+
+def test_settings_that_cannot_change_a_result_do_not_make_outputs_stale() -> None:
+    from mk_hspc.hooks import parameter_digest
+
+    segmentation = {"segmenters": {"mk": {"name": "classical"}}, "runtime": {"reader_threads": 2}}
+    faster = {**segmentation, "runtime": {"reader_threads": 1}, "executor": {"kind": "dask"}}
+    assert parameter_digest(faster) == parameter_digest(segmentation)
+    other = {**segmentation, "segmenters": {"mk": {"name": "sam2"}}}
+    assert parameter_digest(other) != parameter_digest(segmentation)

@@ -49,7 +49,7 @@ def test_upper_case_lab_slide_is_a_study_and_its_sheet_is_left_alone(tmp_path: P
 
     manifest = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
 
-    assert manifest["n_slides"] == 1
+    assert manifest == {"slides_dir": str(raw / "slides")}
     assert sheet.read_text() == "slide,group\nLAB01,control\n"
     assert sorted(p.name for p in (raw / "slides").iterdir()) == ["LAB01.CZI"]
 
@@ -81,7 +81,7 @@ def test_demo_never_replaces_a_labs_slide_sheet(tmp_path: Path) -> None:
 def test_empty_folder_gets_the_demo_and_a_rerun_keeps_it(tmp_path: Path) -> None:
     raw = tmp_path / "01_raw"
     first = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
-    assert first == {"slides_dir": str(raw / "slides"), "n_slides": 1}
+    assert first == {"slides_dir": str(raw / "slides")}
     assert (raw / "slides" / "demo_01.czi").is_file() and (raw / "slide_sheet.csv").is_file()
     written = (raw / "slides" / "demo_01.czi").stat().st_mtime_ns
     again = prepare_demo_slides(demo_params(raw), str(raw / "slides"))
@@ -100,7 +100,7 @@ def test_interrupted_demo_leftovers_do_not_block_the_demo(tmp_path: Path) -> Non
     pending = {"generator_version": "1", "spec": spec.to_dict(), "complete": False}
     _write_manifest(raw / MANIFEST_NAME, pending | {"files": {"slides/demo_01.czi.part": None}})
 
-    assert prepare_demo_slides(demo_params(raw), str(raw / "slides"))["n_slides"] == 1
+    assert prepare_demo_slides(demo_params(raw), str(raw / "slides")) == {"slides_dir": str(raw / "slides")}
     assert sorted(p.name for p in (raw / "slides").iterdir()) == ["demo_01.czi"]
 
 

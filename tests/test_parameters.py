@@ -222,3 +222,22 @@ def test_a_cell_type_with_an_underscore_is_refused_before_any_node() -> None:
     assert any(p.startswith("segmentation.segmenters") and "mk_big" in p for p in problems_of(params)), (
         problems_of(params)
     )
+
+
+def test_an_overlap_narrower_than_the_largest_mk_is_refused_before_ingestion_runs() -> None:
+    from mk_hspc.hooks import ParameterValidationHooks
+    from mk_hspc.pipelines import ingestion, segmentation
+
+    params = load_parameters()
+    params["ingestion"]["tiles"]["largest_cell_um"] = 30.0  # a 2000 µm² MK is ~50 µm across
+
+    class Catalog:
+        def load(self, name: str) -> dict:
+            return params
+
+    with pytest.raises(ValueError, match=r"max_area_um2.*ingestion\.tiles\.largest_cell_um"):
+        ParameterValidationHooks().before_pipeline_run(
+            ingestion.create_pipeline() + segmentation.create_pipeline(), Catalog()
+        )
+    # A run that does not segment is not held up by segmenter settings.
+    ParameterValidationHooks().before_pipeline_run(ingestion.create_pipeline(), Catalog())

@@ -40,8 +40,16 @@ class ParameterValidationHooks:
     break the schema, with a message naming every offending key (:class:`~mk_hspc.params_schema.ParameterError`)."""
 
     @hook_impl(tryfirst=True)  # before the run lock is taken: a refused run holds nothing
-    def before_pipeline_run(self, catalog: Any) -> None:
-        validate_parameters(catalog.load("parameters"))
+    def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
+        parameters = catalog.load("parameters")
+        validate_parameters(parameters)
+        if "params:segmentation" in pipeline.inputs():
+            # Checked before ingestion rewrites anything: segmenters that may report cells wider than the tile
+            # overlap would only be refused by the segmentation node, after the tile index was replaced.
+            from mk_hspc.engine.plugins import build_plugins, check_overlap_covers_cells
+
+            segmenters, _ = build_plugins(parameters["segmentation"])
+            check_overlap_covers_cells(segmenters, float(parameters["ingestion"]["tiles"]["largest_cell_um"]))
 
 
 class StaleInputError(RuntimeError):
@@ -51,7 +59,7 @@ class StaleInputError(RuntimeError):
 def input_record(name: str, dataset: Any, data: Any) -> tuple[str, dict[str, str]] | None:
     """``(digest, lineage)`` of one node input, or None for inputs without provenance (raw files)."""
     if _is_parameter(name):
-        return digest(data), {}
+        return parameter_digest(data), {}
     verified_manifest = getattr(dataset, "verified_manifest", None)
     if verified_manifest is None:
         return None
@@ -86,6 +94,24 @@ def check_inputs_belong_together(
             lineage[ancestor] = ancestor_digest
             claimed_by.setdefault(ancestor, name)
     return lineage
+
+
+# Settings that decide how a result is computed, never what it is (threads, queues, progress bars, where the
+# tiles run): a change of them must not make finished outputs stale.
+NOT_RESULT_KEYS = frozenset({"runtime", "executor"})
+
+
+def parameter_digest(value: Any) -> str:
+    """Digest of a parameter value without the keys in :data:`NOT_RESULT_KEYS`, at any depth."""
+    return digest(_without_runtime(value))
+
+
+def _without_runtime(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_runtime(v) for k, v in value.items() if k not in NOT_RESULT_KEYS}
+    if isinstance(value, list | tuple):
+        return [_without_runtime(v) for v in value]
+    return value
 
 
 def _is_parameter(name: str) -> bool:
@@ -144,7 +170,7 @@ class ProvenanceHooks:
 
         def current_digest(parameter: str) -> str | None:
             dataset = catalog.get(parameter)
-            return None if dataset is None else digest(dataset.load())
+            return None if dataset is None else parameter_digest(dataset.load())
 
         check_parameters_are_current(node.name, records, current_digest)
 

@@ -19,6 +19,8 @@ stops the run at its start with the key's full path, instead of being ignored or
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,8 @@ from mk_hspc.models import create_feature_extractor, create_segmenter
 from mk_hspc.models.base import FeatureExtractor, Segmenter
 from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, available_plugins, plugin_class
 from mk_hspc.params_schema import ParameterError
+
+logger = logging.getLogger(__name__)
 
 # The run-wide ``segmentation.device`` goes to every plugin whose constructor takes this parameter.
 DEVICE_PARAMETER = "device"
@@ -150,3 +154,31 @@ def build_plugins(segmentation: Mapping[str, Any]) -> tuple[dict[str, Segmenter]
         create_feature_extractor(choice.name, **_with_device(choice, device)) for choice in features
     ]
     return built, extractors
+
+
+def check_overlap_covers_cells(segmenters: Mapping[str, Any], largest_cell_um: float) -> None:
+    """Refuse segmenters that may report cells wider than the tile overlap (they could be split or cut).
+
+    A segmenter's bound is its ``max_area_um2`` (attribute or ``params`` field); a cell of that area is at
+    least ``2 sqrt(area / pi)`` µm across. Segmenters without a bound are logged, since nothing can be
+    checked.
+    """
+    for cell_type, segmenter in segmenters.items():
+        max_area_um2 = getattr(segmenter, "max_area_um2", None)
+        if max_area_um2 is None:
+            max_area_um2 = getattr(getattr(segmenter, "params", None), "max_area_um2", None)
+        if max_area_um2 is None:
+            logger.warning(
+                "The %s segmenter has no max_area_um2: cells wider than the %.0f µm tile overlap "
+                "(ingestion.tiles.largest_cell_um) could be split at tile edges",
+                cell_type,
+                largest_cell_um,
+            )
+            continue
+        diameter_um = 2.0 * math.sqrt(float(max_area_um2) / math.pi)
+        if diameter_um > largest_cell_um:
+            raise ValueError(
+                f"segmentation.segmenters.{cell_type}: max_area_um2 = {max_area_um2} allows cells "
+                f"{diameter_um:.1f} µm across, more than ingestion.tiles.largest_cell_um = {largest_cell_um} "
+                "(the tile overlap); raise largest_cell_um to at least that, or lower max_area_um2"
+            )

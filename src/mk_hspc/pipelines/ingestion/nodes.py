@@ -48,10 +48,11 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
     slides_path = Path(slides_dir)
     existing = find_slides(slides_path)
     if existing:
-        # The same record whether the demo was written now or earlier: it orders the nodes after this one and
-        # is part of their lineage, which must not change just because a rerun found the slides in place.
+        # The same record whether the demo was written now or earlier, and whatever files the folder holds:
+        # it orders the nodes after this one and is part of their lineage, so it must not change because a
+        # rerun found the slides in place or a bad file was dropped in (the next node names that file).
         logger.info("%d slide(s) already in %s; no demo written", len(existing), slides_path)
-        return {"slides_dir": str(slides_path), "n_slides": len(existing)}
+        return {"slides_dir": str(slides_path)}
     from mk_hspc.demo import DemoSpec, demo_files, make_demo_study  # heavy: only when there are no slides
 
     out_dir = Path(demo["out_dir"])
@@ -82,8 +83,8 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
     spec = getattr(DemoSpec, demo.get("spec", "default"))()
     spec = dataclasses.replace(spec, **(demo.get("overrides") or {}))
     logger.info("No slides in %s: writing the demo study (%d slides)", slides_path, spec.n_slides)
-    study = make_demo_study(out_dir, spec)
-    return {"slides_dir": str(slides_path), "n_slides": len(study.slide_paths)}
+    make_demo_study(out_dir, spec)
+    return {"slides_dir": str(slides_path)}
 
 
 def _open_checked(

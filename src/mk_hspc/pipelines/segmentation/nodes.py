@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,38 +20,10 @@ from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.cells_table import build_cells_table
 from mk_hspc.engine.dask_executor import DaskRun, DaskSettings
 from mk_hspc.engine.plan import SegmentationPlan
-from mk_hspc.engine.plugins import build_plugins, chosen_plugins
+from mk_hspc.engine.plugins import build_plugins, check_overlap_covers_cells, chosen_plugins
 from mk_hspc.engine.tile_work import SegmentationSettings
 
 logger = logging.getLogger(__name__)
-
-
-def check_overlap_covers_cells(segmenters: Mapping[str, Any], largest_cell_um: float) -> None:
-    """Refuse segmenters that may report cells wider than the tile overlap (they could be split or cut).
-
-    A segmenter's bound is its ``max_area_um2`` (attribute or ``params`` field); a cell of that area is at
-    least ``2 sqrt(area / pi)`` µm across. Segmenters without a bound are logged, since nothing can be
-    checked.
-    """
-    for cell_type, segmenter in segmenters.items():
-        max_area_um2 = getattr(segmenter, "max_area_um2", None)
-        if max_area_um2 is None:
-            max_area_um2 = getattr(getattr(segmenter, "params", None), "max_area_um2", None)
-        if max_area_um2 is None:
-            logger.warning(
-                "The %s segmenter has no max_area_um2: cells wider than the %.0f µm tile overlap "
-                "(ingestion.tiles.largest_cell_um) could be split at tile edges",
-                cell_type,
-                largest_cell_um,
-            )
-            continue
-        diameter_um = 2.0 * math.sqrt(float(max_area_um2) / math.pi)
-        if diameter_um > largest_cell_um:
-            raise ValueError(
-                f"segmentation.segmenters.{cell_type}: max_area_um2 = {max_area_um2} allows cells "
-                f"{diameter_um:.1f} µm across, more than ingestion.tiles.largest_cell_um = {largest_cell_um} "
-                "(the tile overlap); raise largest_cell_um to at least that, or lower max_area_um2"
-            )
 
 
 def segment_sampled_tiles(
