@@ -264,10 +264,14 @@ class Loaded:
 
 def load_outputs(project: Path) -> dict[str, Loaded]:
     with project_catalog(project) as catalog:
+        from kedro.framework.project import pipelines  # configured by project_catalog
+
+        # The outputs of the main job (`kedro run`); export, training and the full run have their own.
+        main_outputs = pipelines["__default__"].all_outputs()
         names = sorted(
             name
             for name in catalog.keys()  # noqa: SIM118 (the catalog is no dict)
-            if name not in NOT_OUTPUTS and not name.startswith("params:")
+            if name in main_outputs and name not in NOT_OUTPUTS and not name.startswith("params:")
         )
         # Every project of the bench lies directly in the work folder; a copied output names its source's.
         root = re.compile(re.escape(str(project.resolve().parent)) + r"/[^/]+")
