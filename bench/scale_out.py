@@ -191,10 +191,20 @@ def summarise(
             "cpu_count": os.cpu_count(),
             "loadavg_end": load(),
         },
-        "conditions": "shared 2-core development machine under other engineers' load: wall-clock numbers "
-        "(tiles/s, speedup, overhead) need a rerun on a quiet machine; CPU s/tile is load-independent",
+        "conditions": conditions(results.get("loadavg_start"), os.cpu_count() or 1),
         "bench_wall_s": round(time.perf_counter() - started, 1),
     }
+
+
+def conditions(loadavg_start: list[float] | None, cores: int) -> str:
+    """Whether the wall-clock numbers can be trusted, from the 1-minute load average at the start."""
+    if not loadavg_start:
+        return "load unknown: wall-clock numbers (tiles/s, speedup, overhead) unverified"
+    state = "quiet" if loadavg_start[0] < cores else "busy"
+    return (
+        f"{state} machine: 1-minute load {loadavg_start[0]} at the start on {cores} cores; wall-clock numbers "
+        "(tiles/s, speedup, overhead) hold only on a quiet machine; CPU s/tile is load-independent"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
