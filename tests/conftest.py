@@ -39,16 +39,30 @@ def make_project_copy(dest: Path) -> Path:
     return dest
 
 
-def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """Run the ``kedro`` CLI of this environment inside ``project``; fail with its output on error."""
+def _run_kedro(
+    project: Path, args: tuple[str, ...], timeout: float, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "MPLBACKEND": "Agg"}
     cmd = [str(Path(sys.executable).with_name("kedro")), *args]
-    result = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    env |= extra_env or {}
+    return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def kedro(project: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run the ``kedro`` CLI of this environment inside ``project``; fail with its output on error."""
+    result = _run_kedro(project, args, timeout)
     if result.returncode != 0:
         raise AssertionError(
             f"kedro {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def kedro_killed_at(
+    project: Path, failpoint: str, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``kedro`` CLI with the fail point ``failpoint`` armed (``mk_hspc.failpoints``); never raises."""
+    return _run_kedro(project, args, timeout, {"MK_HSPC_FAILPOINT": failpoint})
 
 
 def write_czi(

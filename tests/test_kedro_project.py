@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import kedro, make_project_copy
+from tests.conftest import kedro, kedro_killed_at, make_project_copy
 
 # A tiny study: 4 small demo slides cut into 600 px tiles, half of the tissue tiles sampled.
 TINY_RUN = (
@@ -153,25 +152,14 @@ def test_counts_are_refused_when_ingestion_was_killed_before_it_wrote_anything_n
     # disk is the old, self-consistent one. The counts node alone must still refuse: its cells were built
     # with another params:ingestion than this run's.
     new_fraction = TINY_RUN.replace("sampling.fraction=0.5", "sampling.fraction=0.25")
-    env = {
-        **os.environ,
-        "MK_HSPC_FAILPOINT": "atomic:slide_meta.json:written",
-        "KEDRO_DISABLE_TELEMETRY": "true",
-    }
-    killed = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("kedro")),
-            "run",
-            "--pipeline",
-            "ingestion",
-            "--params",
-            new_fraction,
-        ],
-        cwd=finished_copy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    killed = kedro_killed_at(
+        finished_copy,
+        "atomic:slide_meta.json:written",
+        "run",
+        "--pipeline",
+        "ingestion",
+        "--params",
+        new_fraction,
     )
     assert killed.returncode == -9
     with pytest.raises(AssertionError, match="'cells' was built with another 'params:ingestion'"):
@@ -188,25 +176,14 @@ def test_only_missing_outputs_reruns_segmentation_when_the_store_is_gone(finishe
 def test_a_kill_while_the_cells_table_is_written_leaves_the_old_table(finished_copy: Path) -> None:
     cells_path = finished_copy / "data" / "03_primary" / "cells.parquet"
     before = pd.read_parquet(cells_path)
-    env = {
-        **os.environ,
-        "MK_HSPC_FAILPOINT": "atomic:cells.parquet:written",
-        "KEDRO_DISABLE_TELEMETRY": "true",
-    }
-    killed = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("kedro")),
-            "run",
-            "--pipeline",
-            "segmentation",
-            "--params",
-            TINY_RUN,
-        ],
-        cwd=finished_copy,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    killed = kedro_killed_at(
+        finished_copy,
+        "atomic:cells.parquet:written",
+        "run",
+        "--pipeline",
+        "segmentation",
+        "--params",
+        TINY_RUN,
     )
     assert killed.returncode == -9
     pd.testing.assert_frame_equal(pd.read_parquet(cells_path), before)
