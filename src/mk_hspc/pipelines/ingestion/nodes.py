@@ -138,19 +138,6 @@ def open_slides(
         yield _open_into(stack, raw_slides, skip_bad_slides, only, plausible_pixel_size_um)
 
 
-def open_good_slides(
-    raw_slides: SlideLoaders,
-    skip_bad_slides: bool,
-    only: set[str] | None = None,
-    plausible_pixel_size_um: tuple[float, float] | None = None,
-) -> dict[str, CziSlide]:
-    """`open_slides` for a caller that closes the slides itself; if opening fails, none is left open."""
-    with ExitStack() as stack:
-        slides = _open_into(stack, raw_slides, skip_bad_slides, only, plausible_pixel_size_um)
-        stack.pop_all()
-    return slides
-
-
 def read_slide_metadata(
     raw_slides: SlideLoaders, demo_manifest: dict[str, Any], ingestion: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
