@@ -378,3 +378,49 @@ def test_mk_candidates_below_the_operating_point_are_scored_not_hidden() -> None
     others = np.delete(everything.scores, best)
     assert others.max() < everything.scores[best] - 0.1
     assert everything.scores[best] >= MkParams().min_score > others.max()
+
+
+def _cell_with_its_own_distance(
+    maps, k: int, box: tuple[slice, slice], pixel_size_um: float, p
+) -> np.ndarray:
+    """The former measure: a distance transform of nucleus ``k`` alone, in its box (the oracle)."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    gap_px, ring_px = p.ring_gap_um / pixel_size_um, p.ring_width_um / pixel_size_um
+    nucleus = maps.nuclei[box] == k
+    to_nucleus = ndi.distance_transform_edt(~nucleus)
+    ring = (to_nucleus > gap_px) & (to_nucleus <= gap_px + ring_px)
+    reachable = (
+        maps.cytoplasm[box] & (maps.nearest[box] == k) & (to_nucleus <= p.max_cytoplasm_um / pixel_size_um)
+    )
+    parts, _ = ndi.label(reachable)
+    touching = np.unique(parts[ring & reachable])
+    cell = nucleus | np.isin(parts, touching[touching > 0])
+    return ndi.binary_fill_holes(ndi.binary_closing(cell, disk(max(1, int(round(gap_px + ring_px))))))
+
+
+@pytest.mark.parametrize("lobe_merge_um", [0.0, 4.0])
+def test_mk_cells_from_the_tile_wide_distance_equal_a_distance_per_candidate(
+    shared_data, lobe_merge_um: float
+) -> None:
+    from scipy import ndimage as ndi
+    from skimage.io import imread
+
+    from mk_hspc.models.segmenters.binning import bin_rgb
+    from mk_hspc.models.segmenters.megakaryocytes import MkParams, measure_mk_candidate, mk_maps
+
+    image = imread(shared_data / "MICCAI2015_bone_marrow" / "BM_GRAZ" / "source" / "BM_GRAZ_HE_0002_01.png")[..., :3]
+    p = MkParams(lobe_merge_um=lobe_merge_um)
+    pixel_size_um = 0.7
+    maps = mk_maps(separate_he(bin_rgb(np.ascontiguousarray(image), 2)), pixel_size_um, p)
+    boxes = ndi.find_objects(maps.nuclei)
+    assert len(boxes) >= 5
+    margin = int(np.ceil((p.max_cytoplasm_um + p.ring_gap_um) / pixel_size_um)) + 2
+    for k, (rows, cols) in enumerate(boxes, start=1):
+        box = (
+            slice(max(rows.start - margin, 0), rows.stop + margin),
+            slice(max(cols.start - margin, 0), cols.stop + margin),
+        )
+        cell, _ = measure_mk_candidate(maps, k, box, pixel_size_um, p)
+        np.testing.assert_array_equal(cell, _cell_with_its_own_distance(maps, k, box, pixel_size_um, p))

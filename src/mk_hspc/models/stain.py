@@ -13,6 +13,8 @@ Concentrations are in OD units per unit-length stain vector, so thresholds on th
 
 from __future__ import annotations
 
+import threading
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -135,12 +137,26 @@ def tile_stain_vectors(rgb: np.ndarray, **kwargs: float) -> tuple[np.ndarray, bo
     """:func:`macenko_stain_vectors` of an RGB tile without converting every pixel to optical density.
 
     The estimate uses an even subsample of the pixels anyway; taking that subsample from the RGB values
-    first gives the very same pixels (hence the same vectors) at a fraction of the cost.
+    first gives the very same pixels (hence the same vectors) at a fraction of the cost. The last
+    estimate is remembered by the subsample's checksum: the feature extractor asks once per cell type
+    for the same tile.
     """
     flat = np.asarray(rgb).reshape(-1, 3)
     max_pixels = int(kwargs.get("max_pixels", 200_000))
-    sample = flat[:: max(1, len(flat) // (4 * max_pixels))]
-    return macenko_stain_vectors(optical_density(sample), **kwargs)
+    sample = np.ascontiguousarray(flat[:: max(1, len(flat) // (4 * max_pixels))])
+    key = (sample.shape, sample.dtype.str, zlib.crc32(sample.data), tuple(sorted(kwargs.items())))
+    with _LAST_VECTORS_LOCK:
+        if _LAST_VECTORS and _LAST_VECTORS[0] == key:
+            vectors, estimated = _LAST_VECTORS[1]
+            return vectors.copy(), estimated
+    vectors, estimated = macenko_stain_vectors(optical_density(sample), **kwargs)
+    with _LAST_VECTORS_LOCK:
+        _LAST_VECTORS[:] = [key, (vectors.copy(), estimated)]
+    return vectors, estimated
+
+
+_LAST_VECTORS: list = []  # [key, (vectors, estimated)] of the last tile_stain_vectors call
+_LAST_VECTORS_LOCK = threading.Lock()
 
 
 def unmix(od: np.ndarray, stain_vectors: np.ndarray) -> np.ndarray:

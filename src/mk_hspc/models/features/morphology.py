@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import ConvexHull, QhullError
-from skimage.measure import perimeter_crofton
 
+from mk_hspc.models.features.cell_stacks import outline_measures
 from mk_hspc.models.segmenters.label_measures import pixel_moments
 from mk_hspc.models.stain import optical_density, tile_stain_vectors, unmix
 
@@ -132,12 +131,13 @@ def measure_shapes(
     """Shape measurements (pixels) of every label present, in label order, without ``regionprops``.
 
     Moments, axes, eccentricity, orientation, bounding boxes and Crofton perimeters equal
-    ``skimage.measure.regionprops`` (moments from one ``bincount`` pass; the perimeter from skimage's own
-    function on each cell's crop). The convex hull is the hull of the midpoints of the cell's outer pixel
-    edges (the vertices of its 0.5 iso-contour, as marching squares draws it): ``area_convex`` is that
-    polygon's area (never below the pixel area) and ``feret`` its largest vertex distance. skimage instead
-    rasterises the hull and traces it again, 40 % of the feature time; the two agree within a few per cent
-    for cells of more than ~20 pixels (``tests/test_morphology.py`` states the tolerance).
+    ``skimage.measure.regionprops`` (moments from one ``bincount`` pass; perimeters from every cell's 2x2
+    configurations at once, :mod:`~mk_hspc.models.features.cell_stacks`). The convex hull is that of the
+    midpoints of the cell's outer pixel edges (the vertices of its 0.5 iso-contour, as marching squares
+    draws it), bounded by its support lines in 64 directions: ``area_convex`` is that polygon's area (never
+    below the pixel area) and ``feret`` its largest caliper width. skimage instead rasterises the hull and
+    traces it again, 40 % of the feature time; the two agree within a few per cent for cells of more than
+    ~20 pixels (``tests/test_morphology.py`` states the tolerance).
     """
     if pixels is None:
         rows, cols = np.nonzero(labels)
@@ -180,17 +180,14 @@ def measure_shapes(
     np.minimum.at(left, lab, cols)
     np.maximum.at(bottom, lab, rows)
     np.maximum.at(right, lab, cols)
-    perimeter = np.zeros(len(present))
-    area_convex = np.zeros(len(present))
-    feret = np.zeros(len(present))
-    bbox_area = np.zeros(len(present))
     area = moments["area"][index]
-    for i, k in enumerate(present):
-        cell = labels[top[k] : bottom[k] + 1, left[k] : right[k] + 1] == k
-        bbox_area[i] = cell.size
-        perimeter[i] = perimeter_crofton(cell, 4)
-        hull_area, feret[i] = _edge_midpoint_hull(cell)
-        area_convex[i] = max(hull_area, area[i])
+    height, width = bottom[present] - top[present] + 1, right[present] - left[present] + 1
+    outline = outline_measures(
+        rows, cols, position_of(present, n_max)[lab], top[present], left[present], height, width
+    )
+    perimeter, feret = outline["perimeter"], outline["feret"]
+    area_convex = np.maximum(outline["hull_area"], area)
+    bbox_area = (height * width).astype(np.float64)
     out.update(
         area=area,
         perimeter=perimeter,
@@ -205,36 +202,11 @@ def measure_shapes(
     return out
 
 
-def _edge_midpoint_hull(cell: np.ndarray) -> tuple[float, float]:
-    """``(area, largest vertex distance)`` of the convex hull of a mask's outer pixel-edge midpoints.
-
-    Every edge midpoint of a row (column) lies between the row's (column's) two extreme ones, so the
-    hull of those extremes is the hull of all of them.
-    """
-    rows_any, cols_any = cell.any(axis=1), cell.any(axis=0)
-    r = np.flatnonzero(rows_any)
-    c = np.flatnonzero(cols_any)
-    width, height = cell.shape[1], cell.shape[0]
-    left = np.argmax(cell[r], axis=1) - 0.5
-    right = width - np.argmax(cell[r, ::-1], axis=1) - 0.5
-    top = np.argmax(cell[:, c], axis=0) - 0.5
-    bottom = height - np.argmax(cell[::-1, c], axis=0) - 0.5
-    xy = np.concatenate(
-        [
-            np.stack([r, left], axis=1),
-            np.stack([r, right], axis=1),
-            np.stack([top, c], axis=1),
-            np.stack([bottom, c], axis=1),
-        ]
-    ).astype(np.float64)
-    try:
-        hull = ConvexHull(xy)
-    except QhullError:  # a line of pixels: no area, the extent is the largest distance
-        distances = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
-        return 0.0, float(distances.max())
-    vertices = xy[hull.vertices]
-    distances = np.hypot(*(vertices[:, None, :] - vertices[None, :, :]).transpose(2, 0, 1))
-    return float(hull.volume), float(distances.max())
+def position_of(present: np.ndarray, n_max: int) -> np.ndarray:
+    """Lookup table label -> index of that label in ``present`` (-1 for absent labels)."""
+    table = np.full(n_max + 1, -1, np.int64)
+    table[present] = np.arange(len(present))
+    return table
 
 
 def _channel_statistics(
@@ -243,22 +215,33 @@ def _channel_statistics(
     """Mean and standard deviation of R, G, B, haematoxylin and eosin per label in ``wanted``.
 
     Only the labelled pixels are unmixed (cells cover a small part of a tile); the stain vectors are
-    estimated from the whole tile, as the segmenter does.
+    estimated from the whole tile, as the segmenter does. R, G and B take one 256-bin histogram per cell
+    (one ``bincount`` of ``label * 256 + value``): exact sums of values and squares at a third of the cost
+    of weighted sums over every pixel.
     """
     rows, cols, index = pixels
     if len(rows) == 0:
         return {f"{channel}_{stat}": np.zeros(0) for channel in _CHANNELS for stat in ("mean", "std")}
     vectors, _ = tile_stain_vectors(tile_rgb)
     rgb = tile_rgb[rows, cols]
-    stains = unmix(optical_density(rgb), vectors)
-    channels = np.concatenate([rgb.astype(np.float64), stains.astype(np.float64)], axis=1)
     size = int(wanted.max()) + 1
     count = np.maximum(np.bincount(index, minlength=size)[wanted], 1)
+    levels = np.arange(256, dtype=np.float64)
+    moments_of_level = np.stack([levels, levels * levels], axis=1)
     statistics = {}
-    for k, channel in enumerate(_CHANNELS):
-        values = channels[:, k]
-        mean = np.bincount(index, weights=values, minlength=size)[wanted] / count
-        mean_sq = np.bincount(index, weights=values * values, minlength=size)[wanted] / count
+
+    def store(channel: str, mean: np.ndarray, mean_sq: np.ndarray) -> None:
         statistics[f"{channel}_mean"] = mean
         statistics[f"{channel}_std"] = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
+
+    key_base = index * 256
+    for k, channel in enumerate(_CHANNELS[:3]):
+        histogram = np.bincount(key_base + rgb[:, k], minlength=size * 256).reshape(size, 256)[wanted]
+        sums = histogram @ moments_of_level
+        store(channel, sums[:, 0] / count, sums[:, 1] / count)
+    stains = unmix(optical_density(rgb), vectors)
+    for k, channel in enumerate(_CHANNELS[3:]):
+        values = stains[:, k].astype(np.float64)
+        mean = np.bincount(index, weights=values, minlength=size)[wanted] / count
+        store(channel, mean, np.bincount(index, weights=values * values, minlength=size)[wanted] / count)
     return statistics

@@ -103,12 +103,15 @@ class MkMaps:
         cytoplasm: wide, even, eosinophilic, non-nuclear tissue (what an MK's cytoplasm looks like).
         nearest: label of the nearest candidate of every pixel: a Voronoi split of the cytoplasm between
             neighbouring candidates (small nuclei own no wide cytoplasm, so they do not take part).
+        to_nearest: distance (working pixels) of every pixel to that nearest candidate: within the pixels
+            that ``nearest`` gives to a candidate, its distance to that candidate's nucleus.
     """
 
     nuclei: np.ndarray
     ring_fraction: np.ndarray
     cytoplasm: np.ndarray
     nearest: np.ndarray
+    to_nearest: np.ndarray
 
 
 def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
@@ -132,7 +135,9 @@ def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
         & (texture < p.cytoplasm_max_texture_od)
     )
     cytoplasm = ndi.binary_opening(cytoplasm, disk(radius_px(p.cytoplasm_opening_um, px)))
-    none = MkMaps(np.zeros_like(masses), np.zeros(0), cytoplasm, np.zeros_like(masses))
+    none = MkMaps(
+        np.zeros_like(masses), np.zeros(0), cytoplasm, np.zeros_like(masses), np.zeros(masses.shape)
+    )
     if n_masses == 0:
         return none
     # Ring of every mass at once: pixels at the ring's distance whose nearest mass it is.
@@ -153,10 +158,10 @@ def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
     if p.lobe_merge_um <= 0:
         nuclei = relabel_sequential(np.where(is_candidate, masses, 0))[0].astype(np.int32)
         n_nuclei = int(nuclei.max())
-        _, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
+        to_nearest, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
         ring_of = np.zeros(n_nuclei + 1)
         ring_of[nuclei.ravel()] = np.concatenate([[0.0], ring_fraction])[masses.ravel()]
-        return MkMaps(nuclei, ring_of[1:], cytoplasm, nuclei[iy, ix])
+        return MkMaps(nuclei, ring_of[1:], cytoplasm, nuclei[iy, ix], to_nearest)
     # Lobes farther apart than the closing joins are still one nucleus when cytoplasm fills the space
     # between them: group candidates linked through cytoplasm within lobe_merge_um of them.
     to_candidate, (iy, ix) = ndi.distance_transform_edt(~is_candidate, return_indices=True)
@@ -167,7 +172,7 @@ def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
     weights = np.where(is_candidate, ring_fraction[np.maximum(masses, 1) - 1], 0.0)
     area = np.bincount(nuclei.ravel(), minlength=n_nuclei + 1)[1:]
     group_ring = np.bincount(nuclei.ravel(), weights=weights.ravel(), minlength=n_nuclei + 1)[1:] / area
-    return MkMaps(nuclei, group_ring, cytoplasm, nuclei[iy, ix])
+    return MkMaps(nuclei, group_ring, cytoplasm, nuclei[iy, ix], to_candidate)
 
 
 def measure_mk_candidate(
@@ -185,9 +190,11 @@ def measure_mk_candidate(
     gap_px, ring_px, reach_px = p.ring_gap_um / px, p.ring_width_um / px, p.max_cytoplasm_um / px
     cytoplasm = maps.cytoplasm[box]
     nucleus = maps.nuclei[box] == k
-    to_nucleus = ndi.distance_transform_edt(~nucleus)
-    ring = (to_nucleus > gap_px) & (to_nucleus <= gap_px + ring_px)
-    reachable = cytoplasm & (maps.nearest[box] == k) & (to_nucleus <= reach_px)
+    # Only pixels nearest to k count below, and there the tile-wide distance is the distance to k.
+    owned = maps.nearest[box] == k
+    to_nucleus = maps.to_nearest[box]
+    ring = owned & (to_nucleus > gap_px) & (to_nucleus <= gap_px + ring_px)
+    reachable = cytoplasm & owned & (to_nucleus <= reach_px)
     # The cell: cytoplasm connected to the ring, joined to the nucleus across the blurred halo.
     parts, _ = ndi.label(reachable)
     touching = np.unique(parts[ring & reachable])
