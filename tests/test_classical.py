@@ -449,3 +449,24 @@ def test_mk_candidates_below_the_operating_point_are_scored_not_hidden() -> None
     others = np.delete(everything.scores, best)
     assert others.max() < everything.scores[best] - 0.1
     assert everything.scores[best] >= MkParams().min_score > others.max()
+
+
+def test_foreground_h_maxima_equals_the_whole_tile_transform() -> None:
+    # Packing the foreground's pieces (8-connected, one touching another only at a corner) must not change
+    # the markers: the same as skimage's h-maxima of the whole masked distance map.
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from mk_hspc.models.segmenters.nuclei import foreground_h_maxima
+
+    rng = np.random.default_rng(4)
+    scene, _ = hspc_scene(0.5)
+    foreground = scene.h > 0.5
+    foreground[rng.integers(0, foreground.shape[0], 40), rng.integers(0, foreground.shape[1], 40)] = True
+    foreground[10:20, 10:20] = True
+    foreground[20:30, 20:30] = True  # touches the block above at one corner
+    distance = ndi.gaussian_filter(ndi.distance_transform_edt(foreground).astype(np.float32), 1.0)
+    for h in (0.3, 0.8, 2.0):
+        expected = h_maxima(distance * foreground, h).astype(bool) & foreground
+        np.testing.assert_array_equal(foreground_h_maxima(distance, foreground, h), expected)
+    assert not foreground_h_maxima(distance, np.zeros_like(foreground), 0.8).any()

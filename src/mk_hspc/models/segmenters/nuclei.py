@@ -123,7 +123,7 @@ def segment_nuclei(
     foreground = ndi.binary_opening(foreground, disk(radius_px(p.opening_radius_um, px)))
     distance = ndi.distance_transform_edt(foreground).astype(np.float32)
     distance = ndi.gaussian_filter(distance, p.distance_smooth_um / px)
-    markers, _ = ndi.label(h_maxima(distance, p.split_depth_um / px) & foreground)
+    markers, _ = ndi.label(foreground_h_maxima(distance, foreground, p.split_depth_um / px))
     labels = watershed(-distance, markers, mask=foreground).astype(np.int32)
     n = int(labels.max())
     moments = label_moments(labels, n)
@@ -137,6 +137,46 @@ def segment_nuclei(
         "centroid_x": moments["centroid_x"],
     }
     return labels, features
+
+
+def foreground_h_maxima(distance: np.ndarray, foreground: np.ndarray, h: float) -> np.ndarray:
+    """``h_maxima(distance * foreground, h) & foreground``, computed on the foreground's pieces only.
+
+    skimage's grey reconstruction sorts every pixel of its image; nuclei cover a fraction of a tile, so
+    each 8-connected piece of the foreground is cut out (its own pixels only, in a zero border) and the
+    pieces are packed side by side on shelves, and the h-maxima of that packed image are mapped back.
+    Zero around every piece, as between the pieces on the tile, makes this equal to the whole-tile
+    transform (tested), on typically a third of the pixels.
+    """
+    pieces, n = ndi.label(foreground, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros(foreground.shape, bool)
+    slices = ndi.find_objects(pieces)
+    heights = np.array([s[0].stop - s[0].start + 2 for s in slices])
+    widths = np.array([s[1].stop - s[1].start + 2 for s in slices])
+    shelf_width = max(int(widths.max()), int(np.sqrt(heights @ widths)) + 1)
+    offsets = np.zeros((n, 2), np.int64)
+    y = x = shelf_height = 0
+    for k in np.argsort(-heights, kind="stable"):  # tallest first: shelves waste little height
+        if x + widths[k] > shelf_width:
+            y, x, shelf_height = y + shelf_height, 0, 0
+        offsets[k] = y, x
+        x += widths[k]
+        shelf_height = max(shelf_height, int(heights[k]))
+    packed = np.zeros((y + shelf_height, shelf_width), distance.dtype)
+    own = []
+    for k, (rows, cols) in enumerate(slices):
+        mine = pieces[rows, cols] == k + 1
+        own.append(mine)
+        oy, ox = offsets[k] + 1
+        packed[oy : oy + mine.shape[0], ox : ox + mine.shape[1]][mine] = distance[rows, cols][mine]
+    packed_maxima = h_maxima(packed, h).astype(bool)
+    maxima = np.zeros(foreground.shape, bool)
+    for k, (rows, cols) in enumerate(slices):
+        oy, ox = offsets[k] + 1
+        mine = own[k]
+        maxima[rows, cols] |= packed_maxima[oy : oy + mine.shape[0], ox : ox + mine.shape[1]] & mine
+    return maxima
 
 
 def haematoxylin_background(
