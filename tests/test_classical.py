@@ -225,6 +225,17 @@ def test_nucleus_threshold_step_is_clipped_and_survives_empty_tissue() -> None:
     assert haematoxylin_background(flat, np.zeros(10_000, bool), params) == (0.0, pytest.approx(0.05))
 
 
+def test_nucleus_free_stroma_with_a_little_texture_gives_no_nucleus_candidates() -> None:
+    # The threshold follows the tile's own background, so its step above it needs a floor: on a tile of
+    # stroma alone, haematoxylin texture of 0.02 OD (1 µm grain) must not become candidates.
+    from scipy import ndimage as ndi
+
+    scene = Scene(150.0, pixel_size_um=0.35, background_e=0.45)
+    grain = ndi.gaussian_filter(np.random.default_rng(0).normal(0.0, 1.0, scene.h.shape), 1.0 / 0.35)
+    scene.h = np.clip(0.03 + grain * (0.02 / grain.std()), 0.0, None)
+    assert ClassicalSegmenter(mode="hspc", min_score=0.0).segment(scene.rgb(), 0.35).n_cells == 0
+
+
 def test_hspc_keeps_large_nuclei_of_non_marrow_tissue_as_candidates() -> None:
     # A 17 µm nucleus (227 µm², e.g. a tumour cell) among 7 µm ones: a candidate with a high score, not
     # dropped by an area bound made for marrow (the classifier decides what it is).

@@ -51,7 +51,9 @@ class HspcParams:
             first). Measured from the background, not from 0 OD: on a paler or differently unmixed
             stain the whole haematoxylin scale shifts, and an absolute threshold misses pale nuclei.
         threshold_contrast_od_range: Otsu threshold - background is clipped to this range first, so
-            that a tile without nuclei (or made only of nuclei) keeps a sensible threshold.
+            that a tile without nuclei (or made only of nuclei) keeps a sensible threshold. The floor
+            (0.15 OD) keeps a nucleus-free tile of stroma with a little texture (0.02 OD) free of
+            candidates; the palest nuclei-challenge image has a step of 0.15 OD, BM_GRAZ about 0.3.
         max_hole_um2: enclosed holes up to this area are filled (pale nuclear centres).
         opening_radius_um: opening that removes specks; small, so that thin spindle nuclei survive.
         distance_smooth_um: Gaussian sigma on the distance transform before finding markers.
@@ -83,7 +85,7 @@ class HspcParams:
     min_tissue_od: float = 0.25
     background_percentile: float = 25.0
     threshold_scale: float = 0.6
-    threshold_contrast_od_range: tuple[float, float] = (0.1, 0.6)
+    threshold_contrast_od_range: tuple[float, float] = (0.15, 0.6)
     max_hole_um2: float = 50.0
     opening_radius_um: float = 0.5
     distance_smooth_um: float = 0.5
