@@ -481,3 +481,10 @@ def test_foreground_h_maxima_equals_the_whole_tile_transform() -> None:
         expected = h_maxima(distance * foreground, h).astype(bool) & foreground
         np.testing.assert_array_equal(foreground_h_maxima(distance, foreground, h), expected)
     assert not foreground_h_maxima(distance, np.zeros_like(foreground), 0.8).any()
+
+
+def test_hspc_threshold_range_from_yaml_lists_becomes_a_tuple() -> None:
+    seg = ClassicalSegmenter(mode="hspc", threshold_contrast_od_range=[0.1, 0.5])
+    assert seg.params.threshold_contrast_od_range == (0.1, 0.5)
+    with pytest.raises(TypeError, match="threshold_od_range"):  # the old name, now only an MK parameter
+        ClassicalSegmenter(mode="hspc", threshold_od_range=[0.2, 0.6])
