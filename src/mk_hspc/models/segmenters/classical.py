@@ -82,8 +82,9 @@ class ClassicalSegmenter:
         unknown = sorted(set(params) - known)
         if unknown:
             raise TypeError(f"unknown parameter(s) for classical mode {mode!r}: {', '.join(unknown)}")
-        if "threshold_od_range" in params:  # YAML gives a list
-            params["threshold_od_range"] = tuple(params["threshold_od_range"])
+        for name in ("threshold_od_range", "threshold_contrast_od_range"):  # YAML gives a list
+            if name in params:
+                params[name] = tuple(params[name])
         self.params: HspcParams | MkParams = param_class(**params)
         # The MK pass: the mode itself, or the HSPC mode's exclusion of MK lobes.
         self._mk_params = (
