@@ -134,11 +134,13 @@ def test_labels_are_read_into_the_arrays_given(study: Study) -> None:
         given.append(np.full(shape, -7, dtype))
         return given[-1]
 
-    labels = study.store.read_labels(tile_id, ["hspc", "mk"], allocate=allocate)
-    expected = read_tile_result(study.store.root, tile_id).labels
-    assert [labels["hspc"] is given[0], labels["mk"] is given[1]] == [True, True]
+    read = study.store.read_labels(tile_id, ["hspc", "mk"], allocate=allocate)
+    expected = read_tile_result(study.store.root, tile_id)
+    assert (read.tile_id, read.slide, read.window) == (tile_id, expected.slide, expected.window)
+    assert read.pixel_size_um == expected.pixel_size_um
+    assert [read.labels["hspc"] is given[0], read.labels["mk"] is given[1]] == [True, True]
     for name in ("hspc", "mk"):
-        assert np.array_equal(labels[name], expected[name])
+        assert np.array_equal(read.labels[name], expected.labels[name])
     with pytest.raises(KeyError, match="no label image 'blob'"):
         read_tile_labels(study.store.root, tile_id, ["blob"])
     with pytest.raises(KeyError, match="not in the tile store"):

@@ -243,6 +243,17 @@ def read_tile_result(
         )
 
 
+@dataclass(frozen=True)
+class TileLabels:
+    """A tile's window, pixel size and some of its label images (:func:`read_tile_labels`)."""
+
+    tile_id: str
+    slide: str
+    window: tuple[int, int, int, int]
+    pixel_size_um: float
+    labels: dict[str, np.ndarray]
+
+
 def read_tile_labels(
     store_dir: str | Path,
     tile_id: str,
@@ -250,8 +261,9 @@ def read_tile_labels(
     *,
     slide: str | None = None,
     allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
-) -> dict[str, np.ndarray]:
-    """Only the label images of ``cell_types`` of a tile, each read straight into ``allocate(shape, dtype)``.
+) -> TileLabels:
+    """Only the label images of ``cell_types`` of a tile (and its window), each read straight into
+    ``allocate(shape, dtype)``; the cells table and features are not read.
 
     ``allocate`` (default ``np.empty``) lets a caller reading tile after tile hand back arrays of finished
     tiles: a fresh 36 MB array per label image costs page faults (and, with transparent huge pages, direct
@@ -275,7 +287,13 @@ def read_tile_labels(
             out = allocate(dataset.shape, dataset.dtype)
             dataset.read_direct(out)
             labels[name] = out
-        return labels
+        return TileLabels(
+            tile_id=str(h5.attrs["tile_id"]),
+            slide=str(h5.attrs["slide"]),
+            window=tuple(int(v) for v in h5.attrs["window"]),
+            pixel_size_um=float(h5.attrs["pixel_size_um"]),
+            labels=labels,
+        )
 
 
 def _write_file(path: Path, result: TileResult, label_chunk_px: int) -> None:

@@ -130,11 +130,10 @@ def plan_site(
         }
 
         def read() -> TilePixels:
-            result = tile_store.read(tile_id, include_labels=False, feature_names=())
-            labels = tile_store.read_labels(tile_id, list(by_type), allocate=buffers.take)
+            result = tile_store.read_labels(tile_id, list(by_type), allocate=buffers.take)
             x, y, w, h = result.window
             rgb = pool.get(result.slide).read_region(x, y, w, h)  # the one region read of this tile
-            return TilePixels(rgb, (x, y), labels, result.pixel_size_um)
+            return TilePixels(rgb, (x, y), result.labels, result.pixel_size_um)
 
         def cut(pixels: TilePixels) -> tuple[dict[str, bytes], dict[str, Outline]]:
             try:
