@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mk_hspc.engine.prefetch import StageError
+from mk_hspc.export import crops as crops_module
 from mk_hspc.export.build import ArrayPool, plan_site, write_site
 from mk_hspc.export.crops import (
     CropSpec,
@@ -91,8 +92,12 @@ def test_mask_outline_is_the_pixel_boundary_as_svg_points() -> None:
     assert mask_outline(np.zeros((5, 5), np.uint8)) == ""
 
 
-def test_batched_crops_match_the_per_cell_path(study: Study) -> None:
-    """Crops cut in one batch per tile equal those cut cell by cell, including cells at the tile's edge."""
+@pytest.mark.parametrize("batch", [64, 2])
+def test_batched_crops_match_the_per_cell_path(
+    study: Study, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crops cut in batches equal those cut cell by cell, including cells at the tile's edge."""
+    monkeypatch.setattr(crops_module, "CROP_BATCH", batch)  # 2: three HSPCs span two batches
     tile_id = next(iter(study.store.tiles))
     result = read_tile_result(study.store.root, tile_id)
     x, y, w, h = result.window

@@ -220,8 +220,9 @@ def tile_crops(
     """Crops of ``cells`` (dicts with ``cell_id``, ``label``, ``centroid_x_px``, ``centroid_y_px``) of one tile.
 
     The cells' windows are resized into one array (and their label windows, nearest neighbour, into
-    another), so the stretch, the colour order and the masks are one vectorised call per tile; only the
-    outline trace and the encoding run per cell (both in OpenCV, without the GIL).
+    another), so the stretch, the colour order and the masks are one vectorised call per batch of
+    ``CROP_BATCH`` cells; only the outline trace and the encoding run per cell (both in OpenCV, without
+    the GIL).
 
     Args:
         tile_rgb: the tile window's pixels, read once.
@@ -236,9 +237,33 @@ def tile_crops(
     """
     if image_format not in ("webp", "jpeg"):
         raise ValueError(f"image format {image_format!r} is not one of 'webp', 'jpeg'")
+    table = stretch_table(*limits)
+    crops = []
+    # Batches of a few MB: large enough for vectorised calls, small enough to stay in malloc's heap (no
+    # mmap/munmap and fresh page faults per tile, which contend with the reader thread's).
+    for start in range(0, len(cells), CROP_BATCH):
+        crops += _crop_batch(
+            tile_rgb, window_xy, labels, cells[start : start + CROP_BATCH], pixel_size_um, spec,
+            table, image_format, quality,
+        )  # fmt: skip
+    return crops
+
+
+CROP_BATCH = 64
+
+
+def _crop_batch(
+    tile_rgb: np.ndarray,
+    window_xy: tuple[int, int],
+    labels: np.ndarray,
+    cells: list[dict],
+    pixel_size_um: float,
+    spec: CropSpec,
+    table: np.ndarray,
+    image_format: str,
+    quality: int,
+) -> list[Crop]:
     n, px = len(cells), spec.output_px
-    if n == 0:
-        return []
     images = np.empty((n, px, px, 3), np.uint8)
     own_labels = np.empty((n, px, px), labels.dtype)
     for i, cell in enumerate(cells):
@@ -254,8 +279,7 @@ def tile_crops(
             dst=own_labels[i],
             interpolation=cv2.INTER_NEAREST,
         )
-    rows = images.reshape(n * px, px, 3)
-    stretched = cv2.LUT(rows, stretch_table(*limits))
+    stretched = cv2.LUT(images.reshape(n * px, px, 3), table)
     if image_format == "jpeg":
         stretched = cv2.cvtColor(stretched, cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     stretched = stretched.reshape(n, px, px, 3)
