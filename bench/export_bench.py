@@ -11,6 +11,7 @@
   several runs is the least disturbed one; ``cpu_s`` (process CPU time) is recorded beside each wall time.
 * The replaced site is deleted by a background thread (``remove_old_in_background``): not in ``export_s``;
   the bench waits for it after each run (``old_site_removal_s``) so that runs do not overlap.
+* ``crop_files_write_s``: writing the same crop files alone, from memory (the file system's share).
 * ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + labels, process
   = cut + encode, write = crop files; summed over threads) and the pages; ``node_s`` / ``save_s`` split it.
 * ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).
@@ -149,6 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     files = [p for p in site.rglob("*") if p.is_file()]
     site_bytes = sum(p.stat().st_size for p in files)
     crops = [p for p in files if p.parts[len(site.parts)] == "crops"]
+    # The file system's share: writing the same crop files alone (bytes already in memory, no fsync).
+    from mk_hspc.export.build import write_files
+
+    crop_bytes = {str(p.relative_to(site)): p.read_bytes() for p in crops}
+    scratch = project / "data" / ".crop_write_probe"
+    shutil.rmtree(scratch, ignore_errors=True)
+    start = time.perf_counter()
+    write_files(scratch, crop_bytes)
+    crop_files_write_s = time.perf_counter() - start
+    shutil.rmtree(scratch, ignore_errors=True)
     pages = [p for p in files if p.suffix == ".html"]
     n_cells = len(json.loads((site / "cells.json").read_text())["cells"])
     result = {
@@ -171,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         "export_best_run": best,
         "export_runs_s": [run["wall_s"] for run in runs],
         "tile_read_runs_s": [round(wall, 3) for wall, _ in read_runs],
+        "crop_files_write_s": round(crop_files_write_s, 3),
         "qupath_geojson_s": round(qupath_s, 3),
         "by_image_format": variants,
         "parameters": {
