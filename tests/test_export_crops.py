@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from mk_hspc.engine.prefetch import StageError
@@ -25,7 +26,7 @@ from mk_hspc.export.crops import (
     stretch_table,
     tile_crops,
 )
-from mk_hspc.tile_store import read_tile_labels, read_tile_result
+from mk_hspc.tile_store import TileResult, read_tile_labels, read_tile_result, write_tile_result
 from tests.annotation_fixtures import EXPORT_PARAMS, Study, make_study
 
 
@@ -194,3 +195,23 @@ def test_site_pipeline_records_its_stages(study: Study, tmp_path: Path) -> None:
     assert stats["tiles"] == len(study.store.tiles) and stats["crops"] == len(study.cells)
     assert set(stats["busy_s"]) == {"read", "process", "write", "pages"}
     assert content.stats == stats
+
+
+def test_labels_read_into_a_used_array_hold_zeros_where_no_chunk_was_written(tmp_path: Path) -> None:
+    """A reused array still holds the previous tile's labels; chunks never written must read back as 0."""
+    labels = np.zeros((64, 48), np.int32)
+    labels[2:10, 3:12] = 5  # one chunk of 16 x 16 written, the others all background (never stored)
+    cells = study_cells_stub()
+    result = TileResult(
+        "S_s0_r000_c000", "S", (0, 0, 48, 64), (0, 0, 48, 64), 0.5, "h", {"mk": labels}, cells
+    )
+    write_tile_result(tmp_path, result, fsync=False, label_chunk_px=16)
+    used = np.full((64, 48), 9, np.int32)
+    read = read_tile_labels(tmp_path, "S_s0_r000_c000", ["mk"], allocate=lambda shape, dtype: used)
+    assert read.labels["mk"] is used and np.array_equal(used, labels)
+
+
+def study_cells_stub() -> pd.DataFrame:
+    from mk_hspc.engine.tile_work import CELL_COLUMNS
+
+    return pd.DataFrame({name: [] for name in CELL_COLUMNS})
