@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,21 @@ SYNCFS_MIN_FILES = 64
 
 def fsync_tree(path: Path) -> None:
     """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    files = _files_under(path) if path.is_dir() else [path]
     if len(files) > SYNCFS_MIN_FILES and _syncfs(path):
         return
     for file in files:
         fsync_path(file)
     for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
         fsync_path(folder)
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (``os.walk``: ~10x cheaper than ``rglob`` + ``is_file`` for many files)."""
+    files = []
+    for parent, _, names in os.walk(folder):
+        files.extend(Path(parent, name) for name in names if os.path.isfile(os.path.join(parent, name)))
+    return files
 
 
 def _syncfs(path: Path) -> bool:
@@ -90,16 +99,59 @@ def write_json_atomic(path: Path, payload: Any, *, fsync: bool = True) -> None:
     write_bytes_atomic(path, json.dumps(payload, indent=1, sort_keys=True).encode(), fsync=fsync)
 
 
-def replace_path(tmp: Path, final: Path) -> None:
-    """Move a finished temporary file or folder over ``final`` (a folder is swapped through a side name)."""
+def replace_path(tmp: Path, final: Path, *, remove_old_in_background: bool = False) -> None:
+    """Move a finished temporary file or folder over ``final`` (a folder is swapped through a side name).
+
+    With ``remove_old_in_background`` the swapped-out folder is deleted by a background thread (see
+    :func:`remove_in_background`) instead of before returning: deleting thousands of small files can take
+    longer than writing them, and nothing waits for it.
+    """
+    old = None
     if tmp.is_dir() and final.exists():
         old = final.with_name(f".{final.name}{OLD_MARK}{uuid.uuid4().hex[:8]}")
         os.replace(final, old)  # a crash between these two renames leaves no final: missing, never mixed
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
     fsync_path(final.parent)
+    if old is not None:
+        if remove_old_in_background:
+            remove_in_background(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+_removals: dict[Path, threading.Thread] = {}
+_removals_lock = threading.Lock()
+
+
+def remove_in_background(path: Path) -> threading.Thread:
+    """Delete ``path`` (a hidden, swapped-out sibling) in a non-daemon thread: the interpreter waits for it
+    before exiting, and a process killed first leaves a sibling that the next write removes
+    (:func:`remove_leftovers`)."""
+    thread = threading.Thread(
+        target=_remove_and_forget, args=(path,), name=f"remove {path.name}", daemon=False
+    )
+    with _removals_lock:
+        _removals[path] = thread
+    thread.start()
+    return thread
+
+
+def _remove_and_forget(path: Path) -> None:
+    try:
+        remove_path(path)
+    finally:
+        with _removals_lock:
+            _removals.pop(path, None)
+
+
+def wait_for_background_removals() -> None:
+    """Block until every removal started by :func:`remove_in_background` has finished."""
+    with _removals_lock:
+        threads = list(_removals.values())
+    for thread in threads:
+        thread.join()
 
 
 def remove_path(path: Path) -> None:
@@ -112,6 +164,9 @@ def remove_path(path: Path) -> None:
 
 def remove_leftovers(final: Path) -> None:
     """Delete temporary and swapped-out siblings of ``final`` left by killed runs (called under the run lock)."""
+    with _removals_lock:
+        in_progress = set(_removals)
     for pattern in (f".{final.stem}{TMP_MARK}*{final.suffix}", f".{final.name}{OLD_MARK}*"):
         for leftover in final.parent.glob(pattern):
-            remove_path(leftover)
+            if leftover not in in_progress:  # a background removal of this process is already on it
+                remove_path(leftover)

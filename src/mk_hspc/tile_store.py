@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +240,59 @@ def read_tile_result(
             features=features,
             segmenters=json.loads(attrs["segmenters"]),
             slide_file_id=str(attrs.get("slide_file_id", "")),
+        )
+
+
+@dataclass(frozen=True)
+class TileLabels:
+    """A tile's window, pixel size and some of its label images (:func:`read_tile_labels`)."""
+
+    tile_id: str
+    slide: str
+    window: tuple[int, int, int, int]
+    pixel_size_um: float
+    labels: dict[str, np.ndarray]
+
+
+def read_tile_labels(
+    store_dir: str | Path,
+    tile_id: str,
+    cell_types: Iterable[str],
+    *,
+    slide: str | None = None,
+    allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+) -> TileLabels:
+    """Only the label images of ``cell_types`` of a tile (and its window), each read straight into
+    ``allocate(shape, dtype)``; the cells table and features are not read.
+
+    ``allocate`` (default ``np.empty``) lets a caller reading tile after tile hand back arrays of finished
+    tiles: a fresh 36 MB array per label image costs page faults (and, with transparent huge pages, direct
+    compaction) that can exceed the decompression itself.
+
+    Raises:
+        FileNotFoundError: no final file for the tile.
+        ValueError: the file lacks its completion marker.
+        KeyError: a cell type the tile has no label image for.
+    """
+    path = tile_path(store_dir, tile_id, slide)
+    allocate = allocate or (lambda shape, dtype: np.empty(shape, dtype))
+    with h5py.File(path, "r") as h5:
+        if not bool(h5.attrs.get(_COMPLETE_ATTR, False)):
+            raise ValueError(f"tile file {path} is incomplete")
+        labels = {}
+        for name in cell_types:
+            if name not in h5["labels"]:
+                raise KeyError(f"tile file {path} has no label image {name!r}")
+            dataset = h5["labels"][name]
+            out = allocate(dataset.shape, dataset.dtype)
+            dataset.read_direct(out)
+            labels[name] = out
+        return TileLabels(
+            tile_id=str(h5.attrs["tile_id"]),
+            slide=str(h5.attrs["slide"]),
+            window=tuple(int(v) for v in h5.attrs["window"]),
+            pixel_size_um=float(h5.attrs["pixel_size_um"]),
+            labels=labels,
         )
 
 

@@ -2,7 +2,7 @@
 
 ``AnnotationSiteDataset`` is wrapped in :class:`~mk_hspc.datasets.atomic.AtomicDataset` in the catalog (the
 site is written into a temporary folder and swapped in whole, with a manifest); saving runs the per-tile
-crop batches of a :class:`~mk_hspc.export.site.SiteContent`. ``LabelStoreDataset`` loads the live label
+crop work of a :class:`~mk_hspc.export.site.SiteContent`. ``LabelStoreDataset`` loads the live label
 store (a database the annotation server writes click by click; it is never replaced by a save).
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def content_digest(path: Path) -> str:
     """sha256 of a file, or of a folder's files (relative path + content, sorted); hidden entries ignored."""
     sha = hashlib.sha256()
     if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)):
-            sha.update(str(file.relative_to(path).as_posix()).encode() + b"\0")
+        # Sorted by path components, as ``sorted(Path, ...)`` orders them ("a/b" before "a-b/c").
+        for parts, file in sorted(_visible_files(str(path), ())):
+            sha.update("/".join(parts).encode() + b"\0")
             _update_with_file(sha, file)
             sha.update(b"\0")
     else:
@@ -56,11 +58,23 @@ def content_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _hidden(file: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in file.relative_to(root).parts)
+def _visible_files(folder: str, parts: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
+    """``(relative path components, path)`` of the files under ``folder``, skipping hidden names and not
+    entering linked folders (what ``Path.rglob("*")`` + ``is_file`` yield, without pathlib's per-file cost:
+    a site of 5,000 crops digests in a third of the time)."""
+    files = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                files.extend(_visible_files(entry.path, (*parts, entry.name)))
+            elif entry.is_file():
+                files.append(((*parts, entry.name), entry.path))
+    return files
 
 
-def _update_with_file(sha: Any, file: Path) -> None:
+def _update_with_file(sha: Any, file: Path | str) -> None:
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             sha.update(block)
@@ -114,6 +128,8 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
     Args:
         dataset: the wrapped dataset's type (``"pandas.ParquetDataset"``) or its config without the path.
         filepath: the output's final path (passed to the wrapped dataset as ``filepath`` or ``path``).
+        remove_old_in_background: delete a replaced folder in a background thread (thousands of small
+            files, e.g. the annotation site) instead of before ``save`` returns.
         metadata: free-form metadata, ignored by Kedro.
 
     Example (``catalog.yml``)::
@@ -125,7 +141,11 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
     """
 
     def __init__(
-        self, dataset: str | dict[str, Any], filepath: str, metadata: dict[str, Any] | None = None
+        self,
+        dataset: str | dict[str, Any],
+        filepath: str,
+        metadata: dict[str, Any] | None = None,
+        remove_old_in_background: bool = False,
     ) -> None:
         config = {"type": dataset} if isinstance(dataset, str) else dict(dataset)
         dataset_class, _ = parse_dataset_definition(dict(config))
@@ -136,6 +156,7 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         self._config = config
         self._filepath = Path(filepath)
         self.metadata = metadata
+        self._remove_old_in_background = bool(remove_old_in_background)
         self.lineage: dict[str, str] = {}  # set by ProvenanceHooks just before a save
         self._verified: tuple[tuple, dict[str, Any]] | None = None  # (stat of the output, its manifest)
 
@@ -164,7 +185,7 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
                 },
             )
             failpoint(f"atomic:{final.name}:manifest")
-            replace_path(tmp, final)
+            replace_path(tmp, final, remove_old_in_background=self._remove_old_in_background)
         except BaseException:
             remove_path(tmp)
             raise

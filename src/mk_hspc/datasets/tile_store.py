@@ -14,10 +14,11 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from filelock import FileLock, Timeout
 from kedro.io import AbstractDataset, DatasetError
 
@@ -26,7 +27,7 @@ from mk_hspc.datasets.atomic import StaleOutputError, VerifiedOutput, manifest_p
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.failpoints import failpoint
-from mk_hspc.tile_store import TileResult, read_tile_result, tile_path
+from mk_hspc.tile_store import TileLabels, TileResult, read_tile_labels, read_tile_result, tile_path
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,17 @@ class TileStore:
             include_labels=include_labels,
             feature_names=feature_names,
         )
+
+    def read_labels(
+        self,
+        tile_id: str,
+        cell_types: Iterable[str],
+        allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+    ) -> TileLabels:
+        """Window and label images of one tile (see :func:`mk_hspc.tile_store.read_tile_labels`)."""
+        if tile_id not in self.tiles:
+            raise KeyError(f"tile {tile_id} is not in the tile store {self.root}")
+        return read_tile_labels(self.root, tile_id, cell_types, slide=self.tiles[tile_id], allocate=allocate)
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.root)!r}, {len(self.tiles)} tiles, params {self.params_hash})"

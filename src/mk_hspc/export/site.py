@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 from urllib.parse import quote
@@ -32,8 +33,22 @@ CELLS_INDEX = "cells.json"
 LABEL_CHOICES = ("yes", "no", "unsure")
 
 
-Outline = list[tuple[float, float]]
-TileBatch = Callable[[], tuple[dict[str, bytes], dict[str, Outline]]]
+Outline = str  # SVG polygon points "x y x y ..." in the crop image's pixels (crops.mask_outline)
+
+
+@dataclass(frozen=True)
+class TileWork:
+    """One tile's share of the site, in two stages so that reading overlaps cutting.
+
+    Attributes:
+        tile_id: the tile (names it in errors).
+        read: reads the tile's pixels and labels (slide and tile store I/O).
+        cut: pixels -> ``({site-relative path: bytes}, {cell_id: outline})``, the tile's crops.
+    """
+
+    tile_id: str
+    read: Callable[[], Any]
+    cut: Callable[[Any], tuple[dict[str, bytes], dict[str, Outline]]]
 
 
 @dataclass
@@ -41,16 +56,18 @@ class SiteContent:
     """What the site dataset writes: crops tile by tile, then the pages (which need the crops' outlines).
 
     Attributes:
-        batches: callables, one per tile, each returning ``({site-relative path: bytes}, {cell_id: outline})``.
+        tiles: the per-tile work, in tile order.
         render: ``outlines -> {site-relative path: bytes}``: index, pages, assets, cells index.
-        threads: how many batches may run at once (slide reads and encoding overlap).
-        close: called once every batch has run (closes the slides the batches opened).
+        threads: reader threads (tiles read ahead of the one being cut).
+        close: called once every tile has run (closes the slides the reads opened).
+        stats: filled in by :func:`mk_hspc.export.build.write_site` (counts and busy time per stage).
     """
 
-    batches: list[TileBatch]
+    tiles: list[TileWork]
     render: Callable[[dict[str, Outline]], dict[str, bytes]]
     threads: int = 1
     close: Callable[[], None] = lambda: None
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def crop_path(tile_id: str, cell_id: str, image_format: str) -> str:
@@ -59,8 +76,13 @@ def crop_path(tile_id: str, cell_id: str, image_format: str) -> str:
     return f"crops/{tile_id}/{cell_id}.{suffix}"
 
 
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~/-]*")
+
+
 def url(path: str) -> str:
     """A site-relative path as a URL path (each segment percent-encoded)."""
+    if _URL_SAFE.fullmatch(path):  # the usual ids: nothing to encode (quote would return it unchanged)
+        return path
     return "/".join(quote(part, safe="") for part in path.split("/"))
 
 
@@ -112,7 +134,7 @@ def render_page(
     page: int,
     n_pages: int,
     rows: pd.DataFrame,
-    outlines: Mapping[str, list[tuple[float, float]]],
+    outlines: Mapping[str, Outline],
     output_px: int,
     image_format: str,
 ) -> str:
@@ -124,17 +146,26 @@ def render_page(
     if page < n_pages:
         nav.append(f'<a rel=next href="{page + 1:04d}.html">Page {page + 1} &rarr;</a>')
     figures = []
-    for row in rows.itertuples(index=False):
-        cell_id = str(row.cell_id)
-        points = " ".join(f"{x:g},{y:g}" for x, y in outlines.get(cell_id, []))
-        src = root + url(crop_path(str(row.tile_id), cell_id, image_format))
+    escaped_slides: dict[str, str] = {}
+    crop_size = f"width={output_px} height={output_px}"
+    viewbox = f'<svg viewBox="0 0 {output_px} {output_px}"><polygon points="'
+    for cell_id, tile_id, slide, score in zip(
+        rows["cell_id"].astype(str),
+        rows["tile_id"].astype(str),
+        rows["slide"].astype(str),
+        rows["score"].astype(float),
+        strict=True,
+    ):
+        esc_id = _esc(cell_id)
+        if slide not in escaped_slides:
+            escaped_slides[slide] = _esc(slide)
+        esc_slide = escaped_slides[slide]
+        src = _esc(root + url(crop_path(tile_id, cell_id, image_format)))
         figures.append(
-            f'<figure class=cell data-cell="{_esc(cell_id)}">'
-            f"<div class=crop><img loading=lazy decoding=async width={output_px} height={output_px} "
-            f'alt="{_esc(cell_id)}" src="{_esc(src)}">'
-            f'<svg viewBox="0 0 {output_px} {output_px}"><polygon points="{points}"/></svg></div>'
-            f'<figcaption><span class=slide title="{_esc(row.slide)}">{_esc(row.slide)}</span> '
-            f"<span class=score>{float(row.score):.2f}</span></figcaption></figure>"
+            f'<figure class=cell data-cell="{esc_id}"><div class=crop><img loading=lazy decoding=async '
+            f'{crop_size} alt="{esc_id}" src="{src}">{viewbox}{outlines.get(cell_id, "")}"/></svg></div>'
+            f'<figcaption><span class=slide title="{esc_slide}">{esc_slide}</span> '
+            f"<span class=score>{score:.2f}</span></figcaption></figure>"
         )
     title = f"{cell_type.upper()} page {page} of {n_pages}"
     return (
@@ -221,7 +252,7 @@ def asset_files() -> dict[str, bytes]:
 
 def page_files(
     pages: pd.DataFrame,
-    outlines: Mapping[str, list[tuple[float, float]]],
+    outlines: Mapping[str, Outline],
     cell_types: list[str],
     output_px: Mapping[str, int],
     image_format: str,
