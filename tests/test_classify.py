@@ -180,6 +180,38 @@ def test_good_labels_pass_and_flipped_labels_fail_the_gates() -> None:
         assert validation.gates[gate]["value"] == pytest.approx(validation.metrics[gate])
 
 
+def test_a_handful_of_lucky_labels_cannot_pass_the_gates() -> None:
+    """Perfectly separable labels, but 3 yes and 3 no: the metric gates pass, ``min_labels_per_class`` not."""
+    from mk_hspc.params_schema import Gates
+
+    cells = make_cells()
+    full, _ = build_training_set(labels_doc(cells), cells, "hspc", features_of(cells))
+    few = pd.concat([full[full["y"] == 1].groupby("slide").head(1).head(3),
+                     full[full["y"] == 0].groupby("slide").head(1).head(3)])  # fmt: skip
+    assert few["slide"].nunique() >= 2 and len(few) == 6
+    defaults = Gates().model_dump()
+    assert defaults["min_labels_per_class"] == 20  # the documented default
+    validation = training.cross_validate(few, training.make_estimator(RF), defaults, n_splits=4)
+    assert validation.metrics["accuracy"] == 1.0  # lucky: every held-out label right
+    assert validation.failing == ["min_labels_per_class"]
+    assert validation.gates["min_labels_per_class"]["value"] == 3.0
+    assert validation.gates["min_labels_per_class"]["margin"] == -17.0
+    # With enough labels of each class the same gates pass.
+    validation = training.cross_validate(full, training.make_estimator(RF), defaults, n_splits=4)
+    assert validation.passed and validation.metrics["min_labels_per_class"] >= 20
+
+
+def test_min_labels_per_class_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from mk_hspc.params_schema import Gates
+
+    for wrong in (0, -5, 2.5, "20"):
+        with pytest.raises(ValidationError, match="min_labels_per_class"):
+            Gates.model_validate({"min_labels_per_class": wrong})
+    assert Gates.model_validate({"min_labels_per_class": 50}).min_labels_per_class == 50
+
+
 # ------------------------------------------------------------------------------------------ MLflow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
