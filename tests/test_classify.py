@@ -383,6 +383,43 @@ def test_next_batch_prefers_uncertain_cells_and_spreads_over_slides() -> None:
     assert batch["batch_rank"].tolist() == [0, 1, 2, 3]
 
 
+def test_next_batch_seeks_the_class_the_gates_still_lack() -> None:
+    """While yes labels are missing (MKs are a few % of their candidates) the likeliest yes come first."""
+    rng = np.random.default_rng(0)
+    n = 60
+    candidates = pd.DataFrame(
+        {
+            "cell_id": [f"c{i:02d}" for i in range(n)],
+            "slide": [f"s{i % 3}" for i in range(n)],
+            "probability": rng.uniform(0, 1, n),
+            "centroid_x_um": np.arange(n) * 100.0,
+            "centroid_y_um": np.zeros(n),
+        }
+    )
+    batch = active.next_batch(candidates, 6, deficit=active.label_deficit(16, 40, 20))  # 4 yes missing
+    assert batch["pick"].tolist() == ["seek_yes"] * 4 + ["uncertain"] * 2
+    # Slides take turns: each seek pick is among the two likeliest yes of its slide.
+    per_slide_top2 = set(candidates.sort_values("probability").groupby("slide").tail(2)["cell_id"])
+    assert set(batch["cell_id"][:4]) <= per_slide_top2 and batch["slide"][:3].nunique() == 3
+    # Both classes lacking more than a batch holds: shared in proportion, each gets a slot.
+    assert active.seek_slots(10, active.label_deficit(0, 15, 20)) == {"yes": 8, "no": 2}
+    assert active.seek_slots(10, active.label_deficit(19, 25, 20)) == {"yes": 1, "no": 0}
+    batch = active.next_batch(candidates, 10, deficit=active.label_deficit(0, 15, 20))
+    no_picks = batch.loc[batch["pick"] == "seek_no", "probability"]
+    assert len(no_picks) == 2 and no_picks.max() < candidates["probability"].median()
+    # Enough labels of both classes: uncertainty only, as without a deficit.
+    plain = active.next_batch(candidates, 6)
+    assert (
+        plain["cell_id"].tolist()
+        == active.next_batch(candidates, 6, deficit={"yes": 0, "no": 0})["cell_id"].tolist()
+    )
+    assert set(plain["pick"]) == {"uncertain"}
+    assert (
+        plain["uncertainty"].min()
+        >= candidates.assign(u=active.uncertainty(candidates["probability"]))["u"].nlargest(12).min()
+    )
+
+
 # ------------------------------------------------------------------------------- group comparison
 def test_group_comparison_uses_a_rank_test_and_shows_n() -> None:
     counts = pd.DataFrame(
