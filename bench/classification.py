@@ -13,9 +13,9 @@
 
 Usage: python bench/classification.py --project DIR [--out bench/results/classification.json]
 DIR is a Kedro project folder that has run ingestion + segmentation on the demo (cells.parquet, slide_meta,
-ground truth); the committed numbers used `kedro run --params ingestion.sampling.fraction=0.3,
-segmentation.segmenters.mk.params.classical.min_score=0.0,segmentation.segmenters.hspc.params.classical.min_score=0.0`
-on the default demo (8 slides).
+ground truth); the committed numbers used `kedro run --params ingestion.sampling.fraction=0.6` on the default
+demo (8 slides, default segmentation). Blocks other than ``demo`` and ``training_50k_x_2326`` in the JSON are
+runs of this script on other projects or options, merged by hand with a note each.
 """
 
 from __future__ import annotations
