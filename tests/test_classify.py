@@ -420,6 +420,26 @@ def test_next_batch_seeks_the_class_the_gates_still_lack() -> None:
     )
 
 
+def test_next_batch_node_seeks_yes_while_the_gate_lacks_them() -> None:
+    """The train pipeline's node: 2 yes of 20 required (no labels enough), no model -> the highest scores first."""
+    from mk_hspc.pipelines.train.nodes import select_next_batch
+
+    cells = make_cells()
+    hspc = cells[cells["cell_type"] == "hspc"]
+    labelled = hspc.head(4)
+    doc = labels_doc(labelled)
+    train = {
+        "feature_set": "morphology",
+        "gates": {"accuracy": 0.75, "min_labels_per_class": 20},
+        "active_learning": {"batch_size": 6, "min_distance_um": 0.0},
+    }
+    batch = select_next_batch(None, {"n_yes": 2, "n_no": 30}, cells, doc, None, train, {"cell_type": "hspc"})
+    assert batch["pick"].tolist() == ["seek_yes"] * 6  # 18 yes missing, no labels enough
+    unlabelled = hspc[~hspc["cell_id"].isin(labelled["cell_id"])]
+    per_slide_best = unlabelled.sort_values("score").groupby("slide").tail(2)["cell_id"]
+    assert set(batch["cell_id"]) <= set(per_slide_best)
+
+
 # ------------------------------------------------------------------------------- group comparison
 def test_group_comparison_uses_a_rank_test_and_shows_n() -> None:
     counts = pd.DataFrame(
