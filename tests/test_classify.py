@@ -180,6 +180,38 @@ def test_good_labels_pass_and_flipped_labels_fail_the_gates() -> None:
         assert validation.gates[gate]["value"] == pytest.approx(validation.metrics[gate])
 
 
+def test_a_handful_of_lucky_labels_cannot_pass_the_gates() -> None:
+    """Perfectly separable labels, but 3 yes and 3 no: the metric gates pass, ``min_labels_per_class`` not."""
+    from mk_hspc.params_schema import Gates
+
+    cells = make_cells()
+    full, _ = build_training_set(labels_doc(cells), cells, "hspc", features_of(cells))
+    few = pd.concat([full[full["y"] == 1].groupby("slide").head(1).head(3),
+                     full[full["y"] == 0].groupby("slide").head(1).head(3)])  # fmt: skip
+    assert few["slide"].nunique() >= 2 and len(few) == 6
+    defaults = Gates().model_dump()
+    assert defaults["min_labels_per_class"] == 20  # the documented default
+    validation = training.cross_validate(few, training.make_estimator(RF), defaults, n_splits=4)
+    assert validation.metrics["accuracy"] == 1.0  # lucky: every held-out label right
+    assert validation.failing == ["min_labels_per_class"]
+    assert validation.gates["min_labels_per_class"]["value"] == 3.0
+    assert validation.gates["min_labels_per_class"]["margin"] == -17.0
+    # With enough labels of each class the same gates pass.
+    validation = training.cross_validate(full, training.make_estimator(RF), defaults, n_splits=4)
+    assert validation.passed and validation.metrics["min_labels_per_class"] >= 20
+
+
+def test_min_labels_per_class_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from mk_hspc.params_schema import Gates
+
+    for wrong in (0, -5, 2.5, "20"):
+        with pytest.raises(ValidationError, match="min_labels_per_class"):
+            Gates.model_validate({"min_labels_per_class": wrong})
+    assert Gates.model_validate({"min_labels_per_class": 50}).min_labels_per_class == 50
+
+
 # ------------------------------------------------------------------------------------------ MLflow
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory):
@@ -349,6 +381,63 @@ def test_next_batch_prefers_uncertain_cells_and_spreads_over_slides() -> None:
     assert set(batch["slide"]) == {"a", "b", "c"}
     assert "c2" not in set(batch["cell_id"])  # 1 µm from c0: skipped for diversity
     assert batch["batch_rank"].tolist() == [0, 1, 2, 3]
+
+
+def test_next_batch_seeks_the_class_the_gates_still_lack() -> None:
+    """While yes labels are missing (MKs are a few % of their candidates) the likeliest yes come first."""
+    rng = np.random.default_rng(0)
+    n = 60
+    candidates = pd.DataFrame(
+        {
+            "cell_id": [f"c{i:02d}" for i in range(n)],
+            "slide": [f"s{i % 3}" for i in range(n)],
+            "probability": rng.uniform(0, 1, n),
+            "centroid_x_um": np.arange(n) * 100.0,
+            "centroid_y_um": np.zeros(n),
+        }
+    )
+    batch = active.next_batch(candidates, 6, deficit=active.label_deficit(16, 40, 20))  # 4 yes missing
+    assert batch["pick"].tolist() == ["seek_yes"] * 4 + ["uncertain"] * 2
+    # Slides take turns: each seek pick is among the two likeliest yes of its slide.
+    per_slide_top2 = set(candidates.sort_values("probability").groupby("slide").tail(2)["cell_id"])
+    assert set(batch["cell_id"][:4]) <= per_slide_top2 and batch["slide"][:3].nunique() == 3
+    # Both classes lacking more than a batch holds: shared in proportion, each gets a slot.
+    assert active.seek_slots(10, active.label_deficit(0, 15, 20)) == {"yes": 8, "no": 2}
+    assert active.seek_slots(10, active.label_deficit(19, 25, 20)) == {"yes": 1, "no": 0}
+    batch = active.next_batch(candidates, 10, deficit=active.label_deficit(0, 15, 20))
+    no_picks = batch.loc[batch["pick"] == "seek_no", "probability"]
+    assert len(no_picks) == 2 and no_picks.max() < candidates["probability"].median()
+    # Enough labels of both classes: uncertainty only, as without a deficit.
+    plain = active.next_batch(candidates, 6)
+    assert (
+        plain["cell_id"].tolist()
+        == active.next_batch(candidates, 6, deficit={"yes": 0, "no": 0})["cell_id"].tolist()
+    )
+    assert set(plain["pick"]) == {"uncertain"}
+    assert (
+        plain["uncertainty"].min()
+        >= candidates.assign(u=active.uncertainty(candidates["probability"]))["u"].nlargest(12).min()
+    )
+
+
+def test_next_batch_node_seeks_yes_while_the_gate_lacks_them() -> None:
+    """The train pipeline's node: 2 yes of 20 required (no labels enough), no model -> the highest scores first."""
+    from mk_hspc.pipelines.train.nodes import select_next_batch
+
+    cells = make_cells()
+    hspc = cells[cells["cell_type"] == "hspc"]
+    labelled = hspc.head(4)
+    doc = labels_doc(labelled)
+    train = {
+        "feature_set": "morphology",
+        "gates": {"accuracy": 0.75, "min_labels_per_class": 20},
+        "active_learning": {"batch_size": 6, "min_distance_um": 0.0},
+    }
+    batch = select_next_batch(None, {"n_yes": 2, "n_no": 30}, cells, doc, None, train, {"cell_type": "hspc"})
+    assert batch["pick"].tolist() == ["seek_yes"] * 6  # 18 yes missing, no labels enough
+    unlabelled = hspc[~hspc["cell_id"].isin(labelled["cell_id"])]
+    per_slide_best = unlabelled.sort_values("score").groupby("slide").tail(2)["cell_id"]
+    assert set(batch["cell_id"]) <= set(per_slide_best)
 
 
 # ------------------------------------------------------------------------------- group comparison

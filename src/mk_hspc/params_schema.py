@@ -305,9 +305,16 @@ class ClassifierConf(_Block):
 
 
 class Gates(_Block):
+    """Judged on held-out slides: each metric must reach its value; ``min_labels_per_class`` counts labels.
+
+    ``min_labels_per_class``: the fewest ``yes`` and the fewest ``no`` labels a model may be validated on,
+    so that a handful of lucky labels (5 cells, 100% accuracy by chance) can never pass the other gates.
+    """
+
     accuracy: Fraction = 0.75
     precision: Fraction = 0.70
     recall: Fraction = 0.70
+    min_labels_per_class: Count = 20
 
 
 class MlflowConf(_Block):

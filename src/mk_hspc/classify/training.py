@@ -111,7 +111,10 @@ def cross_validate(
     n_splits: int,
     threshold: float = 0.5,
 ) -> Validation:
-    """Grouped cross-validation and the gates (``metric >= value`` for each configured metric)."""
+    """Grouped cross-validation and the gates (``metric >= value`` for each configured gate).
+
+    The ``min_labels_per_class`` gate compares the fewer of the ``yes`` / ``no`` labels with its value.
+    """
     X = feature_matrix(training_set)
     y = training_set["y"].to_numpy(dtype=int)
     groups = training_set["slide"].astype(str).to_numpy()
@@ -138,13 +141,17 @@ def cross_validate(
 
 
 def gate_metrics(y: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision and recall of ``yes`` at ``threshold``; ROC AUC and average precision when defined."""
+    """Accuracy, precision and recall of ``yes`` at ``threshold``, the smaller class's label count; ROC AUC and
+    average precision when defined."""
     predicted = (probability >= threshold).astype(int)
+    y = np.asarray(y, dtype=int)
     metrics = {
         "accuracy": float(accuracy_score(y, predicted)),
         "precision": float(precision_score(y, predicted, zero_division=0)),
         "recall": float(recall_score(y, predicted, zero_division=0)),
         "n_validated": float(len(y)),
+        # the smaller of the yes / no label counts (the `min_labels_per_class` gate)
+        "min_labels_per_class": float(min(int((y == 1).sum()), int((y == 0).sum()))),
     }
     if len(np.unique(y)) == 2:
         metrics["roc_auc"] = float(roc_auc_score(y, probability))

@@ -158,13 +158,16 @@ def train_classifier(
 
 def select_next_batch(
     model: Any,
+    training_summary: dict[str, Any],
     cells: pd.DataFrame,
     labels: dict[str, Any],
     tile_store: TileStore,
     train: Mapping[str, Any],
     classifier: Mapping[str, Any],
 ) -> pd.DataFrame:
-    """The next annotation batch: unlabelled candidates of this type, most uncertain first, spread over slides.
+    """The next annotation batch: unlabelled candidates of this type, spread over slides: first those most
+    likely of a class that has fewer labels than ``train.gates.min_labels_per_class``, then the most
+    uncertain (``classify.active``).
 
     Without a model (one class labelled so far) the segmenter's score stands in for the probability.
     """
@@ -178,6 +181,14 @@ def select_next_batch(
         probability = model.predict_proba(features.astype("float64"))[:, list(model.classes_).index(1)]
     candidates = pool[["cell_id", "slide", "centroid_x_um", "centroid_y_um"]].assign(probability=probability)
     settings = train["active_learning"]
+    deficit = active.label_deficit(
+        int(training_summary["n_yes"]),
+        int(training_summary["n_no"]),
+        int(train["gates"].get("min_labels_per_class", 0)),
+    )
     return active.next_batch(
-        candidates, int(settings["batch_size"]), min_distance_um=float(settings["min_distance_um"])
+        candidates,
+        int(settings["batch_size"]),
+        min_distance_um=float(settings["min_distance_um"]),
+        deficit=deficit,
     )

@@ -26,7 +26,15 @@ def classifier_pipeline() -> Pipeline:
             ),
             node(
                 nodes.select_next_batch,
-                ["model", "cells", "labels", "tile_store", "params:train", "params:classifier"],
+                [
+                    "model",
+                    "training_summary",
+                    "cells",
+                    "labels",
+                    "tile_store",
+                    "params:train",
+                    "params:classifier",
+                ],  # fmt: skip
                 "next_batch",
                 name="select_next_batch",
             ),
