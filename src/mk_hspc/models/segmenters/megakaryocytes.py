@@ -176,9 +176,19 @@ def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
 
 
 def measure_mk_candidate(
-    maps: MkMaps, k: int, box: tuple[slice, slice], pixel_size_um: float, p: MkParams
+    maps: MkMaps,
+    k: int,
+    box: tuple[slice, slice],
+    pixel_size_um: float,
+    p: MkParams,
+    score_floor: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The cell a candidate nucleus ``k`` forms (mask within ``box``) and its measurements.
+
+    Args:
+        score_floor: when ring fraction x (1 - open fraction), an upper bound of :func:`mk_score`, is
+            below this, the convex hull is not computed and ``solidity`` is reported as 0 (the caller
+            drops such a candidate anyway; the hull is the costliest measure).
 
     Returns:
         ``(cell, measures)`` with ``ring_fraction`` (see :class:`MkMaps`), ``area_um2`` (nucleus +
@@ -198,17 +208,39 @@ def measure_mk_candidate(
     # The cell: cytoplasm connected to the ring, joined to the nucleus across the blurred halo.
     parts, _ = ndi.label(reachable)
     touching = np.unique(parts[ring & reachable])
-    cell = nucleus | np.isin(parts, touching[touching > 0])
-    cell = ndi.binary_fill_holes(ndi.binary_closing(cell, disk(max(1, int(round(gap_px + ring_px))))))
-    outside = ndi.binary_dilation(cell, iterations=radius_px(p.open_band_um, px)) & ~cell
+    grown = nucleus | np.isin(parts, touching[touching > 0])
+    # The closing, the band outside and the hull stay within closing_px + band_px of the grown cell:
+    # working on that part of the box gives the same masks (zero beyond it either way) on fewer pixels.
+    closing_px, band_px = max(1, int(round(gap_px + ring_px))), radius_px(p.open_band_um, px)
+    near = _around(grown, closing_px + band_px + 1)
+    cell = ndi.binary_fill_holes(ndi.binary_closing(grown[near], disk(closing_px)))
+    outside = ndi.binary_dilation(cell, iterations=band_px) & ~cell
+    ring_fraction = float(maps.ring_fraction[k - 1])
+    open_fraction = float((outside & cytoplasm[near]).sum() / max(outside.sum(), 1))
+    hopeless = ring_fraction * (1.0 - open_fraction) < score_floor
     measures = {
-        "ring_fraction": float(maps.ring_fraction[k - 1]),
+        "ring_fraction": ring_fraction,
         "area_um2": float(cell.sum()) * px**2,
         "nucleus_area_um2": float(nucleus.sum()) * px**2,
-        "open_fraction": float((outside & cytoplasm).sum() / max(outside.sum(), 1)),
-        "solidity": float(cell.sum() / max(convex_hull_image(cell).sum(), 1)) if cell.any() else 0.0,
+        "open_fraction": open_fraction,
+        "solidity": 0.0
+        if hopeless or not cell.any()
+        else float(cell.sum() / max(convex_hull_image(cell).sum(), 1)),
     }
-    return cell, measures
+    whole = np.zeros_like(grown)
+    whole[near] = cell
+    return whole, measures
+
+
+def _around(mask: np.ndarray, margin_px: int) -> tuple[slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin_px``, clipped to the array."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if len(rows) == 0:
+        return slice(0, 0), slice(0, 0)
+    return (
+        slice(max(int(rows[0]) - margin_px, 0), min(int(rows[-1]) + margin_px + 1, mask.shape[0])),
+        slice(max(int(cols[0]) - margin_px, 0), min(int(cols[-1]) + margin_px + 1, mask.shape[1])),
+    )
 
 
 def mk_score(measures: dict[str, float], p: MkParams) -> float:
@@ -250,7 +282,7 @@ def segment_megakaryocytes(
             slice(max(rows.start - margin, 0), min(rows.stop + margin, height)),
             slice(max(cols.start - margin, 0), min(cols.stop + margin, width)),
         )
-        cell, measures = measure_mk_candidate(maps, int(k), box, pixel_size_um, p)
+        cell, measures = measure_mk_candidate(maps, int(k), box, pixel_size_um, p, score_floor=p.min_score)
         score = mk_score(measures, p)
         if score <= 0.0 or score < p.min_score:
             continue
