@@ -490,7 +490,7 @@ def test_mk_cells_from_the_tile_wide_distance_equal_a_distance_per_candidate(
     from skimage.io import imread
 
     from mk_hspc.models.segmenters.binning import bin_rgb
-    from mk_hspc.models.segmenters.megakaryocytes import MkParams, measure_mk_candidate, mk_maps
+    from mk_hspc.models.segmenters.megakaryocytes import MkParams, measure_mk_candidate, mk_maps, mk_score
 
     image = imread(shared_data / "MICCAI2015_bone_marrow" / "BM_GRAZ" / "source" / "BM_GRAZ_HE_0002_01.png")[
         ..., :3
@@ -506,8 +506,13 @@ def test_mk_cells_from_the_tile_wide_distance_equal_a_distance_per_candidate(
             slice(max(rows.start - margin, 0), rows.stop + margin),
             slice(max(cols.start - margin, 0), cols.stop + margin),
         )
-        cell, _ = measure_mk_candidate(maps, k, box, pixel_size_um, p)
+        cell, measures = measure_mk_candidate(maps, k, box, pixel_size_um, p)
         np.testing.assert_array_equal(cell, _cell_with_its_own_distance(maps, k, box, pixel_size_um, p))
+        # Skipping the hull below the operating point never drops a candidate that would pass it.
+        _, skipped = measure_mk_candidate(maps, k, box, pixel_size_um, p, score_floor=p.min_score)
+        assert (mk_score(skipped, p) >= p.min_score) == (mk_score(measures, p) >= p.min_score)
+        if skipped["solidity"] != measures["solidity"]:
+            assert skipped["solidity"] == 0.0 and mk_score(measures, p) < p.min_score
 
 
 def test_foreground_h_maxima_equals_the_whole_tile_transform() -> None:
