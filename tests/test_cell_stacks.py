@@ -9,7 +9,7 @@ from scipy.spatial import ConvexHull
 from skimage.measure import label, perimeter_crofton
 
 from mk_hspc.models.features import cell_stacks
-from mk_hspc.models.features.morphology import _channel_statistics
+from mk_hspc.models.features.morphology import MorphologyFeatures, _channel_statistics
 from mk_hspc.models.stain import macenko_stain_vectors, optical_density, tile_stain_vectors, unmix
 
 
@@ -122,3 +122,24 @@ def test_remembered_stain_vectors_follow_the_tile() -> None:
     np.testing.assert_allclose(
         changed, macenko_stain_vectors(optical_density(flat[:: max(1, len(flat) // 800_000)]))[0]
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_channel_statistics_of_tiles_that_are_not_8_bit(dtype) -> None:
+    labels = np.zeros((10, 10), np.int32)
+    labels[0:3, 0:3], labels[5:8, 5:8] = 1, 2
+    tile = np.full((10, 10, 3), 100, dtype)
+    tile[0, 0] = 300  # above 8 bits: a histogram bin of the next cell if taken as one
+    tile[6, 6] = 400
+    rows, cols = np.nonzero(labels)
+    statistics = _channel_statistics(
+        tile, (rows, cols, labels[rows, cols].astype(np.int64)), np.array([1, 2])
+    )
+    np.testing.assert_allclose(statistics["r_mean"], [(8 * 100 + 300) / 9, (8 * 100 + 400) / 9])
+    np.testing.assert_allclose(statistics["g_std"], [np.std([100] * 8 + [300]), np.std([100] * 8 + [400])])
+
+
+def test_a_tile_that_is_not_rgb_is_refused() -> None:
+    labels = np.ones((8, 8), np.int32)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        MorphologyFeatures().extract(np.zeros((8, 8, 4), np.uint8), labels, np.array([1]), 0.5)

@@ -13,8 +13,8 @@ Concentrations are in OD units per unit-length stain vector, so thresholds on th
 
 from __future__ import annotations
 
+import hashlib
 import threading
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -138,13 +138,14 @@ def tile_stain_vectors(rgb: np.ndarray, **kwargs: float) -> tuple[np.ndarray, bo
 
     The estimate uses an even subsample of the pixels anyway; taking that subsample from the RGB values
     first gives the very same pixels (hence the same vectors) at a fraction of the cost. The last
-    estimate is remembered by the subsample's checksum: the feature extractor asks once per cell type
+    estimate is remembered by the subsample's hash: the feature extractor asks once per cell type
     for the same tile.
     """
     flat = np.asarray(rgb).reshape(-1, 3)
     max_pixels = int(kwargs.get("max_pixels", 200_000))
     sample = np.ascontiguousarray(flat[:: max(1, len(flat) // (4 * max_pixels))])
-    key = (sample.shape, sample.dtype.str, zlib.crc32(sample.data), tuple(sorted(kwargs.items())))
+    digest = hashlib.blake2b(sample.data, digest_size=16).digest()  # ~1 ms; a CRC could collide
+    key = (sample.shape, sample.dtype.str, digest, tuple(sorted(kwargs.items())))
     with _LAST_VECTORS_LOCK:
         if _LAST_VECTORS and _LAST_VECTORS[0] == key:
             vectors, estimated = _LAST_VECTORS[1]

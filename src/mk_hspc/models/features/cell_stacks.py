@@ -107,7 +107,8 @@ def support_hulls(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     misses only vertices whose outward normals all fall within one angle step (nearly straight runs of
     the outline). Its area and largest vertex distance are therefore lower bounds of the hull's, exact for
     most cells: on 11,181 candidates of four BM_GRAZ images the area was exact for the median cell, within
-    0.7 % for 99 % of them and 2.4 % at worst; the diameter was exact for all.
+    0.7 % for 99 % of them and 2.4 % at worst; the diameter was exact for all. Thin elongated shapes lose
+    most (a 34 x 4 px random blob: 7.5 %), as long straight runs hide the vertices between directions.
     Only each row's and column's extreme edge midpoints can lie on the hull, so only those enter.
     """
     n, side, _ = stack.shape

@@ -70,6 +70,8 @@ class MorphologyFeatures:
         """
         if pixel_size_um <= 0:
             raise ValueError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+        if tile_rgb.ndim != 3 or tile_rgb.shape[2] != 3:
+            raise ValueError(f"tile_rgb must be (H, W, 3) RGB, got shape {tile_rgb.shape}")
         if tile_rgb.shape[:2] != labels.shape:
             raise ValueError(f"tile {tile_rgb.shape[:2]} and labels {labels.shape} differ in size")
         cell_labels = np.asarray(cell_labels, dtype=np.int64).ravel()
@@ -217,9 +219,9 @@ def _channel_statistics(
     """Mean and standard deviation of R, G, B, haematoxylin and eosin per label in ``wanted``.
 
     Only the labelled pixels are unmixed (cells cover a small part of a tile); the stain vectors are
-    estimated from the whole tile, as the segmenter does. R, G and B take one 256-bin histogram per cell
-    (one ``bincount`` of ``label * 256 + value``): exact sums of values and squares at a third of the cost
-    of weighted sums over every pixel.
+    estimated from the whole tile, as the segmenter does. R, G and B of a uint8 tile take one 256-bin
+    histogram per cell (one ``bincount`` of ``label * 256 + value``): exact sums of values and squares at
+    a third of the cost of weighted sums over every pixel; other dtypes take the weighted sums.
     """
     rows, cols, index = pixels
     if len(rows) == 0:
@@ -238,9 +240,14 @@ def _channel_statistics(
 
     key_base = index * 256
     for k, channel in enumerate(_CHANNELS[:3]):
-        histogram = np.bincount(key_base + rgb[:, k], minlength=size * 256).reshape(size, 256)[wanted]
-        sums = histogram @ moments_of_level
-        store(channel, sums[:, 0] / count, sums[:, 1] / count)
+        if rgb.dtype == np.uint8:
+            histogram = np.bincount(key_base + rgb[:, k], minlength=size * 256).reshape(size, 256)[wanted]
+            sums = histogram @ moments_of_level
+            store(channel, sums[:, 0] / count, sums[:, 1] / count)
+        else:  # 16-bit or float tiles: values are not histogram bins
+            values = rgb[:, k].astype(np.float64)
+            mean = np.bincount(index, weights=values, minlength=size)[wanted] / count
+            store(channel, mean, np.bincount(index, weights=values * values, minlength=size)[wanted] / count)
     stains = unmix(optical_density(rgb), vectors)
     for k, channel in enumerate(_CHANNELS[3:]):
         values = stains[:, k].astype(np.float64)
