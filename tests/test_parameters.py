@@ -97,6 +97,23 @@ def test_unknown_plugin_names_and_missing_parameters_are_all_reported() -> None:
     ]
 
 
+def test_plugin_values_of_the_wrong_type_are_refused_before_any_tile_runs() -> None:
+    # Before, min_score "abc" passed every check and failed each tile of the run, one by one.
+    segmentation = load_parameters()["segmentation"]
+    classical = segmentation["segmenters"]["mk"]["params"]["classical"]
+    classical["min_score"] = "abc"
+    classical["threshold_od_range"] = [0.2]
+    problems = plugin_problems(segmentation)
+    key = "segmentation.segmenters.mk.params.classical"
+    assert any(p.startswith(f"{key}.min_score: ") and "valid number" in p and "'abc'" in p for p in problems)
+    assert any(p.startswith(f"{key}.threshold_od_range.1: ") for p in problems)
+    assert len(problems) == 2
+
+
+def test_the_default_parameters_have_no_plugin_problems() -> None:
+    assert plugin_problems(load_parameters()["segmentation"]) == []
+
+
 def test_build_plugins_builds_the_chosen_plugins_with_their_own_parameters() -> None:
     segmentation = load_parameters()["segmentation"]
     segmentation["segmenters"]["hspc"]["name"] = "noop"

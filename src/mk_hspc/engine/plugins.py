@@ -80,7 +80,8 @@ def accepted_parameters(plugin: type, params: Mapping[str, Any]) -> tuple[frozen
 
 
 def _parameter_problems(choice: PluginChoice) -> list[str]:
-    accepted, required = accepted_parameters(plugin_class(choice.group, choice.name), choice.params)
+    plugin = plugin_class(choice.group, choice.name)
+    accepted, required = accepted_parameters(plugin, choice.params)
     problems = [
         f"{choice.key}.{name}: missing (the {choice.name!r} plugin requires it)"
         for name in required
@@ -92,6 +93,10 @@ def _parameter_problems(choice: PluginChoice) -> list[str]:
             f"accepted: {', '.join(sorted(accepted))}"
             for name in sorted(set(choice.params) - accepted)
         ]
+    # A plugin may check its values too (types, ranges): refused here, not by every tile later.
+    check = getattr(plugin, "parameter_problems", None)
+    if check is not None:
+        problems += [f"{choice.key}.{problem}" for problem in check(choice.params)]
     return problems
 
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from mk_hspc.models.base import Segmentation
 from mk_hspc.models.segmenters.binning import bin_rgb, unbin_labels, working_factor
@@ -72,6 +73,28 @@ class ClassicalSegmenter:
         """The names ``**params`` accepts for the constructor's named ``arguments`` (the ``mode``)."""
         param_class = HspcParams if arguments["mode"] == "hspc" else MkParams
         return frozenset(f.name for f in dataclasses.fields(param_class))
+
+    @classmethod
+    def parameter_problems(cls, params: Mapping[str, Any]) -> list[str]:
+        """``"name: problem"`` for each value of ``params`` its mode's dataclass cannot take (a string where a
+        number goes, a range that is not two numbers), checked before any tile runs; unknown names are
+        reported by the caller (:func:`mk_hspc.engine.plugins.plugin_problems`)."""
+        mode = params.get("mode", "hspc")
+        if mode not in MODES:
+            return [f"mode: must be one of {', '.join(MODES)}, got {mode!r}"]
+        param_class = HspcParams if mode == "hspc" else MkParams
+        known = cls.keyword_parameters({"mode": mode})
+        values = {name: value for name, value in params.items() if name in known}
+        problems = _type_problems(param_class, values)
+        if mode == "hspc" and not problems and isinstance(values.get("mk_params"), Mapping):
+            mk_known = cls.keyword_parameters({"mode": "mk"})
+            mk_values = {k: v for k, v in values["mk_params"].items() if k in mk_known}
+            problems += [f"mk_params.{p}" for p in _type_problems(MkParams, mk_values)]
+            problems += [
+                f"mk_params.{name}: unknown parameter of the mk pass"
+                for name in set(values["mk_params"]) - mk_known
+            ]
+        return problems
 
     def __init__(self, mode: str = "hspc", **params: Any) -> None:
         if mode not in MODES:
@@ -157,3 +180,15 @@ class ClassicalSegmenter:
                 strong = np.concatenate([[False], mk_scores >= p.exclude_mk_min_score])
                 keep &= ~strong[inside_mk]
         return keep_labels(labels, keep), score[keep]
+
+
+def _type_problems(param_class: type, values: Mapping[str, Any]) -> list[str]:
+    """Pydantic's check of ``values`` against a parameter dataclass's annotations, one line per problem."""
+    try:
+        TypeAdapter(param_class).validate_python(dict(values))
+    except ValidationError as error:
+        return [
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']} (got {problem['input']!r})"
+            for problem in error.errors()
+        ]
+    return []
