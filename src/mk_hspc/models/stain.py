@@ -14,11 +14,12 @@ Concentrations are in OD units per unit-length stain vector, so thresholds on th
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from mk_hspc.models.tile_memo import LastTileResults
 
 # Macenko et al.'s reference vectors (rows: haematoxylin, eosin), widely used as H&E defaults.
 REFERENCE_H_OD: tuple[float, float, float] = (0.5626, 0.7201, 0.4062)
@@ -144,20 +145,18 @@ def tile_stain_vectors(rgb: np.ndarray, **kwargs: float) -> tuple[np.ndarray, bo
     flat = np.asarray(rgb).reshape(-1, 3)
     max_pixels = int(kwargs.get("max_pixels", 200_000))
     sample = np.ascontiguousarray(flat[:: max(1, len(flat) // (4 * max_pixels))])
-    digest = hashlib.blake2b(sample.data, digest_size=16).digest()  # ~1 ms; a CRC could collide
-    key = (sample.shape, sample.dtype.str, digest, tuple(sorted(kwargs.items())))
-    with _LAST_VECTORS_LOCK:
-        if _LAST_VECTORS and _LAST_VECTORS[0] == key:
-            vectors, estimated = _LAST_VECTORS[1]
-            return vectors.copy(), estimated
-    vectors, estimated = macenko_stain_vectors(optical_density(sample), **kwargs)
-    with _LAST_VECTORS_LOCK:
-        _LAST_VECTORS[:] = [key, (vectors.copy(), estimated)]
-    return vectors, estimated
+    # ~1 ms on the subsample; 128 bits, where a CRC of two consecutive tiles could collide.
+    fingerprint = (sample.shape, sample.dtype.str, hashlib.blake2b(sample.data, digest_size=16).digest())
+    key = ("tile_stain_vectors", tuple(sorted(kwargs.items())))
+    remembered = _LAST_VECTORS.get(key, fingerprint)
+    if remembered is None:
+        remembered = macenko_stain_vectors(optical_density(sample), **kwargs)
+        _LAST_VECTORS.put(key, fingerprint, remembered)
+    vectors, estimated = remembered
+    return vectors.copy(), estimated  # a copy: callers may edit theirs
 
 
-_LAST_VECTORS: list = []  # [key, (vectors, estimated)] of the last tile_stain_vectors call
-_LAST_VECTORS_LOCK = threading.Lock()
+_LAST_VECTORS = LastTileResults()
 
 
 def unmix(od: np.ndarray, stain_vectors: np.ndarray) -> np.ndarray:

@@ -30,14 +30,14 @@ class LastTileResults:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[Hashable, tuple[TileFingerprint, Any]] = {}
+        self._entries: dict[Hashable, tuple[Hashable, Any]] = {}
         self._lock = threading.Lock()
 
-    def put(self, key: Hashable, fingerprint: TileFingerprint, value: Any) -> None:
+    def put(self, key: Hashable, fingerprint: Hashable, value: Any) -> None:
         with self._lock:
             self._entries[key] = (fingerprint, value)
 
-    def get(self, key: Hashable, fingerprint: TileFingerprint) -> Any | None:
+    def get(self, key: Hashable, fingerprint: Hashable) -> Any | None:
         with self._lock:
             entry = self._entries.get(key)
         return entry[1] if entry is not None and entry[0] == fingerprint else None

@@ -230,27 +230,29 @@ def _channel_statistics(
     rgb = np.take(tile_rgb.reshape(-1, 3), rows * tile_rgb.shape[1] + cols, axis=0)  # 5x a 2-D gather
     size = int(wanted.max()) + 1
     count = np.maximum(np.bincount(index, minlength=size)[wanted], 1)
-    levels = np.arange(256, dtype=np.float64)
-    moments_of_level = np.stack([levels, levels * levels], axis=1)
-    statistics = {}
 
-    def store(channel: str, mean: np.ndarray, mean_sq: np.ndarray) -> None:
-        statistics[f"{channel}_mean"] = mean
-        statistics[f"{channel}_std"] = np.sqrt(np.maximum(mean_sq - mean * mean, 0.0))
+    def weighted_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = values.astype(np.float64)
+        total = np.bincount(index, weights=values, minlength=size)[wanted]
+        return total, np.bincount(index, weights=values * values, minlength=size)[wanted]
 
-    key_base = index * 256
-    for k, channel in enumerate(_CHANNELS[:3]):
-        if rgb.dtype == np.uint8:
-            histogram = np.bincount(key_base + rgb[:, k], minlength=size * 256).reshape(size, 256)[wanted]
-            sums = histogram @ moments_of_level
-            store(channel, sums[:, 0] / count, sums[:, 1] / count)
-        else:  # 16-bit or float tiles: values are not histogram bins
-            values = rgb[:, k].astype(np.float64)
-            mean = np.bincount(index, weights=values, minlength=size)[wanted] / count
-            store(channel, mean, np.bincount(index, weights=values * values, minlength=size)[wanted] / count)
+    def histogram_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        histogram = np.bincount(key_base + values, minlength=size * 256).reshape(size, 256)[wanted]
+        sums = histogram @ level_moments
+        return sums[:, 0], sums[:, 1]
+
+    if rgb.dtype == np.uint8:
+        key_base = index * 256
+        levels = np.arange(256, dtype=np.float64)
+        level_moments = np.stack([levels, levels * levels], axis=1)
+        rgb_sums = histogram_sums
+    else:  # 16-bit or float tiles: values are not histogram bins
+        rgb_sums = weighted_sums
     stains = unmix(optical_density(rgb), vectors)
-    for k, channel in enumerate(_CHANNELS[3:]):
-        values = stains[:, k].astype(np.float64)
-        mean = np.bincount(index, weights=values, minlength=size)[wanted] / count
-        store(channel, mean, np.bincount(index, weights=values * values, minlength=size)[wanted] / count)
+    sums = [rgb_sums(rgb[:, k]) for k in range(3)] + [weighted_sums(stains[:, k]) for k in range(2)]
+    statistics = {}
+    for channel, (total, total_sq) in zip(_CHANNELS, sums, strict=True):
+        mean = total / count
+        statistics[f"{channel}_mean"] = mean
+        statistics[f"{channel}_std"] = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     return statistics
