@@ -212,7 +212,7 @@ def measure_mk_candidate(
     # The closing, the band outside and the hull stay within closing_px + band_px of the grown cell:
     # working on that part of the box gives the same masks (zero beyond it either way) on fewer pixels.
     closing_px, band_px = max(1, int(round(gap_px + ring_px))), radius_px(p.open_band_um, px)
-    near = _around(grown, closing_px + band_px + 1)
+    near = _grown(ndi.find_objects(grown.view(np.uint8))[0], closing_px + band_px + 1, grown.shape)
     cell = ndi.binary_fill_holes(ndi.binary_closing(grown[near], disk(closing_px)))
     outside = ndi.binary_dilation(cell, iterations=band_px) & ~cell
     ring_fraction = float(maps.ring_fraction[k - 1])
@@ -232,14 +232,12 @@ def measure_mk_candidate(
     return whole, measures
 
 
-def _around(mask: np.ndarray, margin_px: int) -> tuple[slice, slice]:
-    """The bounding box of ``mask`` grown by ``margin_px``, clipped to the array."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
-        return slice(0, 0), slice(0, 0)
+def _grown(box: tuple[slice, slice], margin_px: int, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """``box`` grown by ``margin_px`` on every side, clipped to an array of ``shape``."""
+    rows, cols = box
     return (
-        slice(max(int(rows[0]) - margin_px, 0), min(int(rows[-1]) + margin_px + 1, mask.shape[0])),
-        slice(max(int(cols[0]) - margin_px, 0), min(int(cols[-1]) + margin_px + 1, mask.shape[1])),
+        slice(max(rows.start - margin_px, 0), min(rows.stop + margin_px, shape[0])),
+        slice(max(cols.start - margin_px, 0), min(cols.stop + margin_px, shape[1])),
     )
 
 
@@ -270,18 +268,13 @@ def segment_megakaryocytes(
     labels = np.zeros(maps.nuclei.shape, np.int32)
     scores: list[float] = []
     boxes = ndi.find_objects(maps.nuclei)
-    height, width = maps.nuclei.shape
     margin = int(np.ceil((p.max_cytoplasm_um + p.ring_gap_um) / pixel_size_um)) + 2
     for k in range(1, len(boxes) + 1):
         # The score is at most the ring fraction (solidity and closedness are <= 1): a candidate that
         # cannot reach min_score is not measured at all (same result, most candidates skipped).
         if maps.ring_fraction[k - 1] < p.min_score:
             continue
-        rows, cols = boxes[k - 1]
-        box = (
-            slice(max(rows.start - margin, 0), min(rows.stop + margin, height)),
-            slice(max(cols.start - margin, 0), min(cols.stop + margin, width)),
-        )
+        box = _grown(boxes[k - 1], margin, maps.nuclei.shape)
         cell, measures = measure_mk_candidate(maps, int(k), box, pixel_size_um, p, score_floor=p.min_score)
         score = mk_score(measures, p)
         if score <= 0.0 or score < p.min_score:
