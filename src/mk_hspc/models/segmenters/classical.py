@@ -33,6 +33,7 @@ from mk_hspc.models.stain import separate_he
 from mk_hspc.models.tile_memo import LastTileResults, tile_fingerprint
 
 MODES = ("hspc", "mk")
+_PARAMS_OF_MODE: dict[str, type] = {"hspc": HspcParams, "mk": MkParams}  # the parameters each mode takes
 
 __all__ = [
     "MODES",
@@ -70,9 +71,9 @@ class ClassicalSegmenter:
 
     @classmethod
     def keyword_parameters(cls, arguments: Mapping[str, Any]) -> frozenset[str]:
-        """The names ``**params`` accepts for the constructor's named ``arguments`` (the ``mode``)."""
-        param_class = HspcParams if arguments["mode"] == "hspc" else MkParams
-        return frozenset(f.name for f in dataclasses.fields(param_class))
+        """The names ``**params`` accepts for the constructor's named ``arguments`` (the ``mode``); an
+        unknown mode gets the ``mk`` names here and its own problem from :meth:`parameter_problems`."""
+        return frozenset(f.name for f in dataclasses.fields(_PARAMS_OF_MODE.get(arguments["mode"], MkParams)))
 
     @classmethod
     def parameter_problems(cls, params: Mapping[str, Any]) -> list[str]:
@@ -82,10 +83,9 @@ class ClassicalSegmenter:
         mode = params.get("mode", "hspc")
         if mode not in MODES:
             return [f"mode: must be one of {', '.join(MODES)}, got {mode!r}"]
-        param_class = HspcParams if mode == "hspc" else MkParams
         known = cls.keyword_parameters({"mode": mode})
         values = {name: value for name, value in params.items() if name in known}
-        problems = _type_problems(param_class, values)
+        problems = _type_problems(_PARAMS_OF_MODE[mode], values)
         if mode == "hspc" and not problems and isinstance(values.get("mk_params"), Mapping):
             mk_known = cls.keyword_parameters({"mode": "mk"})
             mk_values = {k: v for k, v in values["mk_params"].items() if k in mk_known}
@@ -100,7 +100,6 @@ class ClassicalSegmenter:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
-        param_class = HspcParams if mode == "hspc" else MkParams
         known = self.keyword_parameters({"mode": mode})
         unknown = sorted(set(params) - known)
         if unknown:
@@ -108,7 +107,7 @@ class ClassicalSegmenter:
         for name in ("threshold_od_range", "threshold_contrast_od_range"):  # YAML gives a list
             if name in params:
                 params[name] = tuple(params[name])
-        self.params: HspcParams | MkParams = param_class(**params)
+        self.params: HspcParams | MkParams = _PARAMS_OF_MODE[mode](**params)
         # The MK pass: the mode itself, or the HSPC mode's exclusion of MK lobes.
         self._mk_params = (
             MkParams(**self.params.mk_params) if isinstance(self.params, HspcParams) else self.params
