@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,27 @@ def _syncfs(path: Path) -> bool:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:
-    """Write bytes through a temporary sibling and a rename (durable before visible when ``fsync``)."""
-    tmp = temporary_sibling(path)
+@contextlib.contextmanager
+def publishing(tmp: Path, final: Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Write ``tmp`` in the ``with`` block; then it is renamed over ``final`` (fsynced before and after the
+    rename when ``fsync``, so it is durable before it is visible), or removed if the block raised."""
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield tmp
         if fsync:
-            fsync_path(path.parent)
+            fsync_path(tmp)
+        os.replace(tmp, final)
+        if fsync:
+            fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:
+    """Write bytes through a temporary sibling and a rename (durable before visible when ``fsync``)."""
+    with publishing(temporary_sibling(path), path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json_atomic(path: Path, payload: Any, *, fsync: bool = True) -> None:

@@ -19,12 +19,10 @@ nevertheless check the completion marker and the parameters hash: a file from ot
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import io
 import json
 import logging
-import os
 import re
 import uuid
 from collections.abc import Callable, Iterable
@@ -36,7 +34,7 @@ import hdf5plugin
 import numpy as np
 import pandas as pd
 
-from mk_hspc.atomic_io import fsync_path
+from mk_hspc.atomic_io import publishing
 from mk_hspc.failpoints import failpoint
 
 logger = logging.getLogger(__name__)
@@ -179,18 +177,9 @@ def write_tile_result(
     final = tile_path(store_dir, result.tile_id, result.slide)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.stem}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
-    try:
+    with publishing(tmp, final, fsync=fsync):
         _write_file(tmp, result, label_chunk_px)
         failpoint("tile:written")
-        if fsync:
-            fsync_path(tmp)
-        os.replace(tmp, final)
-        if fsync:
-            fsync_path(final.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return final
 
 
