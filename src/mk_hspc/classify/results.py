@@ -34,22 +34,36 @@ def classify_cells(
 
 
 def counts_figure(counts: pd.DataFrame) -> Figure:
-    """Counts and densities per group, one point per slide (jittered), with the group medians."""
+    """Counts and densities per group, one point per slide (jittered), with the group medians.
+
+    With adjusted counts (``n_cells_adjusted``), those are the filled points and the medians, and the plain
+    accepted counts are drawn hollow beside them, so that the size of the correction is visible.
+    """
     cell_types = sorted(counts["cell_type"].unique())
     fig, axes = plt.subplots(2, len(cell_types), figsize=(5 * len(cell_types), 7.5), squeeze=False)
     groups = sorted(counts["group"].unique())
     rng = np.random.default_rng(0)
+    adjusted = "n_cells_adjusted" in counts.columns and counts["n_cells_adjusted"].notna().any()
     for col, cell_type in enumerate(cell_types):
         rows = counts[counts["cell_type"] == cell_type]
         for row, (value, label) in enumerate(
             (("n_cells", "cells per slide"), ("density_per_mm2", "cells / mm² tissue"))
         ):
             ax = axes[row][col]
+            headline = value.replace("_cells", "_cells_adjusted").replace("density_", "density_adjusted_")
             for i, group in enumerate(groups):
-                values = rows.loc[rows["group"] == group, value].to_numpy(float)
-                ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=22, zorder=3)
+                in_group = rows["group"] == group
+                jitter = i + rng.uniform(-0.12, 0.12, int(in_group.sum()))
+                values = rows.loc[in_group, headline if adjusted else value].to_numpy(float)
+                ax.scatter(jitter, values, s=22, zorder=3, label="adjusted" if adjusted and i == 0 else None)
+                if adjusted:
+                    plain = rows.loc[in_group, value].to_numpy(float)
+                    ax.scatter(jitter, plain, s=22, zorder=2, facecolors="none", edgecolors="grey",
+                               label="accepted" if i == 0 else None)  # fmt: skip
                 if len(values):
                     ax.hlines(np.nanmedian(values), i - 0.25, i + 0.25, color="black")
+            if adjusted:
+                ax.legend(fontsize=7, loc="best")
             ax.set_xticks(
                 range(len(groups)),
                 [f"{g}\n(n={int((rows['group'] == g).sum())})" for g in groups],

@@ -191,6 +191,9 @@ class LoadedModel:
     run_id: str
     feature_names: list[str]
     sha256: str
+    # held-out (out-of-fold) rates of its training run at the decision threshold: the adjusted counts' inputs
+    recall: float = float("nan")
+    false_positive_rate: float = float("nan")
 
 
 def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
@@ -248,5 +251,12 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
     signature = mlmodel.get("signature") or {}
     inputs = json.loads(signature.get("inputs") or "[]")
     return LoadedModel(
-        model, registered_model, int(version.version), version.run_id, [c["name"] for c in inputs], sha
+        model,
+        registered_model,
+        int(version.version),
+        version.run_id,
+        [c["name"] for c in inputs],
+        sha,
+        recall=float(run.data.metrics.get("recall", float("nan"))),
+        false_positive_rate=float(run.data.metrics.get("false_positive_rate", float("nan"))),
     )

@@ -141,14 +141,16 @@ def cross_validate(
 
 
 def gate_metrics(y: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Accuracy, precision and recall of ``yes`` at ``threshold``, the smaller class's label count; ROC AUC and
-    average precision when defined."""
+    """Accuracy, precision and recall of ``yes`` at ``threshold``, the false-positive rate (for the adjusted
+    counts, ``classify.adjusted_counts``), the smaller class's label count; ROC AUC and average precision when
+    defined."""
     predicted = (probability >= threshold).astype(int)
     y = np.asarray(y, dtype=int)
     metrics = {
         "accuracy": float(accuracy_score(y, predicted)),
         "precision": float(precision_score(y, predicted, zero_division=0)),
         "recall": float(recall_score(y, predicted, zero_division=0)),
+        "false_positive_rate": float(predicted[y == 0].mean()) if (y == 0).any() else float("nan"),
         "n_validated": float(len(y)),
         # the smaller of the yes / no label counts (the `min_labels_per_class` gate)
         "min_labels_per_class": float(min(int((y == 1).sum()), int((y == 0).sum()))),

@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mk_hspc.classify import results
+from mk_hspc.classify.adjusted_counts import add_adjusted_counts
 from mk_hspc.classify.tracking import load_validated_model, resolve_store
 from mk_hspc.counts import count_cells
 from mk_hspc.datasets.tile_store import TileStore
@@ -46,11 +47,26 @@ def apply_validated_models(
         )
         features = candidate_features(cells, full_tile_store, feature_set)
         classified = results.classify_cells(cells, features, loaded.model, loaded.feature_names, threshold)
-        frames.append(classified.assign(model_version=loaded.version, model_run_id=loaded.run_id))
+        frames.append(
+            classified.assign(
+                model_version=loaded.version,
+                model_run_id=loaded.run_id,
+                model_recall=loaded.recall,
+                model_false_positive_rate=loaded.false_positive_rate,
+            )
+        )
         logger.info("%s: %d of %d candidates accepted by %s version %d",
                     cell_type, int(classified["is_cell"].sum()), len(classified),
                     loaded.registered_model, loaded.version)  # fmt: skip
     return pd.concat(frames, ignore_index=True) if frames else full_cells.iloc[:0]
+
+
+def model_rates(final_cells: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """``cell_type -> (recall, false-positive rate)`` of the model that classified each type's cells."""
+    if final_cells.empty or "model_recall" not in final_cells.columns:
+        return {}
+    first = final_cells.groupby(final_cells["cell_type"].astype(str)).first()
+    return {str(t): (float(r.model_recall), float(r.model_false_positive_rate)) for t, r in first.iterrows()}
 
 
 def summarise_final_counts(
@@ -63,12 +79,26 @@ def summarise_final_counts(
     train: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Figure]]:
     """Counts and densities per slide (all tissue) and group, the group comparison (by ``group`` and every
-    other column of the slide sheet, e.g. sex and treatment), and the plots."""
+    other column of the slide sheet, e.g. sex and treatment), and the plots.
+
+    Each slide gets the accepted cells (``n_cells``, ``density_per_mm2``) and the count corrected for the
+    validated model's held-out recall and false-positive rate (``n_cells_adjusted``,
+    ``density_adjusted_per_mm2``; see ``classify.adjusted_counts``), the best estimate of the true number; the
+    group comparison tests the adjusted densities when every type has them.
+    """
     cell_types = sorted(c["cell_type"] for c in train["classifiers"].values())
     accepted = final_cells[final_cells["is_cell"].astype(bool)]
     counts = count_cells(accepted, full_tile_sample, slide_meta, slide_groups, cell_types)
     counts = counts.rename(columns={"sampled_tissue_mm2": "tissue_mm2"})
-    comparison = results.group_comparison(counts, results.slide_factors(slide_groups, slide_sheet))
+    counts = add_adjusted_counts(counts, final_cells, model_rates(final_cells))
+    value = "density_adjusted_per_mm2"
+    if counts.loc[counts["tissue_mm2"] > 0, value].isna().any():
+        logger.warning(
+            "some cell types have no adjusted counts (unknown model rates): comparing plain densities"
+        )
+        value = "density_per_mm2"
+    factors = results.slide_factors(slide_groups, slide_sheet)
+    comparison = results.group_comparison(counts, factors, value=value)
     plots = {
         "counts_by_group.png": results.counts_figure(counts),
         "area_histograms.png": results.area_histograms(final_cells),
