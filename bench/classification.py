@@ -15,7 +15,9 @@ Usage: python bench/classification.py --project DIR [--out bench/results/classif
 DIR is a Kedro project folder that has run ingestion + segmentation on the demo (cells.parquet, slide_meta,
 ground truth); the committed numbers used `kedro run --params ingestion.sampling.fraction=0.6` on the default
 demo (8 slides, default segmentation). Blocks other than ``demo`` and ``training_50k_x_2326`` in the JSON are
-runs of this script on other projects or options, merged by hand with a note each.
+runs of this script on other projects or options, merged by hand with a note each. The ``summary`` block is
+computed from ``demo`` and ``training_50k_x_2326`` on every run (:func:`summarise`); ``notes`` is prose kept
+from the file.
 """
 
 from __future__ import annotations
@@ -225,6 +227,62 @@ print(json.dumps({{'fit_seconds': seconds, 'fit_cpu_seconds': cpu_seconds, 'tree
     return record
 
 
+def _median_of(records: list[dict | None], key: str) -> float | None:
+    values = [r[key] for r in records if r]
+    return float(np.median(values)) if values else None
+
+
+def summarise(result: dict) -> dict:
+    """The headline numbers, computed from the ``demo`` and ``training_50k_x_2326`` blocks (never typed)."""
+    per_type = result["demo"]["per_type"]
+    summary: dict = {
+        "labels_to_pass_gates_active_over_random_median": {
+            t: r["active_over_random_median"] for t, r in per_type.items()
+        },
+        # where random picks never pass, active / (every candidate labelled) bounds the ratio from above
+        "active_over_random_upper_bound_where_random_never_passes": {
+            t: r["median_active"] / r["n_candidates"]
+            for t, r in per_type.items()
+            if r["median_random"] is None and r["median_active"] is not None
+        },
+        "median_labels_active_random": {
+            t: [r["median_active"], r["median_random"]] for t, r in per_type.items()
+        },
+        "accept_all_precision": {
+            "all": result["demo"]["accept_all_precision"],
+            **{t: r["accept_all_precision"] for t, r in per_type.items()},
+        },
+        "test_slides_precision_recall_at_pass_median": {
+            t: {
+                strategy: {
+                    key: _median_of(r[f"test_quality_at_pass_{strategy}"], key)
+                    for key in ("precision", "recall")
+                }
+                for strategy in ("active", "random")
+            }
+            for t, r in per_type.items()
+        },
+        "model_precision_recall_all_labels": {
+            t: {k: (r["model_all_labels"] or {}).get(k) for k in ("precision", "recall")}
+            for t, r in per_type.items()
+        },
+    }
+    scale = result.get("training_50k_x_2326")
+    if scale:
+        summary["train_50k_x_2326"] = {
+            k: scale.get(k)
+            for k in (
+                "trees_fitted",
+                "fit_cpu_seconds",
+                "fit_seconds",
+                "peak_rss_mb",
+                "loadavg_before",
+                "loadavg_after",
+            )
+        }
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, required=True)
@@ -260,6 +318,10 @@ def main() -> None:
     if not args.skip_scale:
         result["training_50k_x_2326"] = scale_part(50_000, 2_326, args.scale_trees)
         result["training_50k_x_2326"]["conditions"] = conditions
+    if "note" in result.get("summary", {}):  # the former hand-kept prose moves to `notes`
+        result.setdefault("notes", {})["summary"] = result["summary"]["note"]
+    if "demo" in result:
+        result["summary"] = summarise(result)
     result["wall_seconds_last_run"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
