@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 from skimage.morphology import convex_hull_image, disk
 from skimage.segmentation import relabel_sequential
 
+from mk_hspc.models.segmenters.binary_morphology import band_around, closed_by_disk, holes_filled
 from mk_hspc.models.segmenters.binning import radius_px
 from mk_hspc.models.segmenters.label_measures import local_std, nucleus_threshold
 from mk_hspc.models.stain import StainMaps
@@ -123,7 +124,7 @@ def mk_maps(stains: StainMaps, pixel_size_um: float, p: MkParams) -> MkMaps:
     threshold = nucleus_threshold(h, tissue, p.threshold_od_range)
     # Lobes of one MK nucleus are separated by thin gaps: a closing at that scale makes them one mass.
     merged = ndi.binary_closing(h > threshold * p.threshold_scale, disk(radius_px(p.lobe_gap_um, px)))
-    merged = ndi.binary_fill_holes(merged)
+    merged = holes_filled(merged)
     masses, n_masses = ndi.label(merged)
     od_smooth = ndi.gaussian_filter(stains.od_total, p.texture_smooth_um / px)
     texture = local_std(od_smooth, radius_px(p.texture_window_um, px), where=~merged)
@@ -213,8 +214,8 @@ def measure_mk_candidate(
     # working on that part of the box gives the same masks (zero beyond it either way) on fewer pixels.
     closing_px, band_px = max(1, int(round(gap_px + ring_px))), radius_px(p.open_band_um, px)
     near = _grown(ndi.find_objects(grown.view(np.uint8))[0], closing_px + band_px + 1, grown.shape)
-    cell = ndi.binary_fill_holes(ndi.binary_closing(grown[near], disk(closing_px)))
-    outside = ndi.binary_dilation(cell, iterations=band_px) & ~cell
+    cell = holes_filled(closed_by_disk(grown[near], closing_px))
+    outside = band_around(cell, band_px)
     ring_fraction = float(maps.ring_fraction[k - 1])
     open_fraction = float((outside & cytoplasm[near]).sum() / max(outside.sum(), 1))
     hopeless = ring_fraction * (1.0 - open_fraction) < score_floor
