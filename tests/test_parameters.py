@@ -258,3 +258,22 @@ def test_an_overlap_narrower_than_the_largest_mk_is_refused_before_ingestion_run
         )
     # A run that does not segment is not held up by segmenter settings.
     ParameterValidationHooks().before_pipeline_run(ingestion.create_pipeline(), Catalog())
+
+
+def test_learned_plugin_values_of_the_wrong_type_are_refused_by_their_type_hints() -> None:
+    # Before, only the classical plugin's values were checked: cellpose's diameter "big" failed at the first
+    # tile (after the weights were loaded), a resnet50 batch size of 6.5 deep inside the feature step.
+    segmentation = load_parameters()["segmentation"]
+    segmentation["segmenters"]["hspc"]["name"] = "cellpose"
+    segmentation["segmenters"]["hspc"]["params"]["cellpose"]["diameter_um"] = "big"
+    segmentation["features"]["resnet50"]["enabled"] = True
+    segmentation["features"]["resnet50"]["params"]["batch_size"] = 6.5
+    problems = plugin_problems(segmentation)
+    assert any(
+        p.startswith("segmentation.segmenters.hspc.params.cellpose.diameter_um: ") and "'big'" in p
+        for p in problems
+    ), problems
+    assert any(
+        p.startswith("segmentation.features.resnet50.params.batch_size: ") and "6.5" in p for p in problems
+    ), problems
+    assert len(problems) == 2
