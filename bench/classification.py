@@ -232,6 +232,19 @@ def _median_of(records: list[dict | None], key: str) -> float | None:
     return float(np.median(values)) if values else None
 
 
+def _all_types_ratio(per_type: dict) -> float | None:
+    """Median over seeds of (labels of every type, active) / (labels of every type, random); None when a
+    strategy never passed for some type and seed."""
+    ratios = []
+    for seed in range(len(next(iter(per_type.values()))["labels_to_pass_gates_active"])):
+        active = [r["labels_to_pass_gates_active"][seed] for r in per_type.values()]
+        random = [r["labels_to_pass_gates_random"][seed] for r in per_type.values()]
+        if None in active or None in random:
+            return None
+        ratios.append(sum(active) / sum(random))
+    return float(np.median(ratios))
+
+
 def summarise(result: dict) -> dict:
     """The headline numbers, computed from the ``demo`` and ``training_50k_x_2326`` blocks (never typed)."""
     per_type = result["demo"]["per_type"]
@@ -248,6 +261,8 @@ def summarise(result: dict) -> dict:
         "median_labels_active_random": {
             t: [r["median_active"], r["median_random"]] for t, r in per_type.items()
         },
+        # The clicks a lab spends until every classifier passes: per seed, the labels of all types together.
+        "labels_to_pass_gates_all_types_active_over_random_median": _all_types_ratio(per_type),
         "accept_all_precision": {
             "all": result["demo"]["accept_all_precision"],
             **{t: r["accept_all_precision"] for t, r in per_type.items()},
