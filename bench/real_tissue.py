@@ -13,8 +13,11 @@ generalisation checks):
   default ``min_score``, the whole curve over ``min_score`` and its best mean F1, the same at 0.85x and
   1.15x the pixel size, and a leave-one-image-out check of choosing ``min_score`` for best F1.
 * **Off-domain nuclei**: the MICCAI 2015 nuclei-challenge tiles (non-marrow H&E, each at the pixel size of
-  its objective: 20x = 0.5 µm/px, 40x = 0.25 µm/px), a detection counts when its centroid falls in a true
-  nucleus, once (:func:`mk_hspc.models.evaluation.match_points_to_regions`).
+  its objective: 20x = 0.5 µm/px, 40x = 0.25 µm/px): the headline matches candidate centroids one-to-one
+  with the true nuclei's centroids within the BM_GRAZ gate in µm (16 px x 0.35 µm = 5.6 µm); ``recall_inside``
+  counts a detection when its centroid falls in a true nucleus, once
+  (:func:`mk_hspc.models.evaluation.match_points_to_regions`). Why the misses happen:
+  ``bench/offdomain_nuclei.py``.
 * **Demo**: recall per ground-truth type on the embedded demo study (either mode's candidate counts).
 * **Speed** of the classical MK + nucleus + morphology path on one 3000 x 3000 px tile (BM_GRAZ upsampled
   2x and stitched, about the Axioscan's 0.175 µm/px), on one core: run it as
