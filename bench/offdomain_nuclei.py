@@ -165,7 +165,7 @@ def measures(data: dict, score_fn: ScoreFn, p: HspcParams, min_score: float) -> 
         for candidates, truth in data[f"bm_graz_{scale}"]:
             keep = candidates.kept
             per_image.append((candidates.xy[keep], score_fn(candidates.features, p)[keep], truth.xy))
-        curves[scale] = real_tissue.nucleus_curve(per_image)
+        curves[scale] = real_tissue.nucleus_curve(per_image, also=(min_score,))
     base = curves[1.0]
     default = real_tissue.at_score(base, min_score)
     best = max(base, key=lambda row: row["f1_mean"])

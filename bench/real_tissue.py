@@ -131,13 +131,16 @@ def candidates(segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_um: fl
     return result.labels, xy, result.scores.astype(np.float64)
 
 
-def nucleus_curve(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[dict]:
-    """Mean precision / recall / F1 over images at every ``min_score`` of the grid.
+def nucleus_curve(
+    per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]], also: tuple[float, ...] = ()
+) -> list[dict]:
+    """Mean precision / recall / F1 over images at every ``min_score`` of the grid and of ``also`` (the
+    default operating point is measured exactly, wherever it lies on the grid).
 
     ``per_image``: ``(xy, scores, dots_xy)``; candidates with ``score >= min_score`` are kept.
     """
     curve = []
-    for min_score in SCORE_GRID:
+    for min_score in sorted({*SCORE_GRID, *also}):
         rows = [
             detection_scores(xy[scores >= min_score], dots, NUCLEUS_MATCH_RADIUS_PX)
             for xy, scores, dots in per_image
@@ -155,7 +158,11 @@ def nucleus_curve(per_image: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
 
 
 def at_score(curve: list[dict], min_score: float) -> dict:
-    return min(curve, key=lambda row: abs(row["min_score"] - min_score))
+    """The curve's row at exactly ``min_score`` (:func:`nucleus_curve` measures it with ``also``)."""
+    rows = [row for row in curve if row["min_score"] == min_score]
+    if not rows:
+        raise ValueError(f"min_score {min_score} is not on the curve; pass it to nucleus_curve(also=...)")
+    return rows[0]
 
 
 def leave_one_image_out(curve: list[dict]) -> dict:
@@ -183,7 +190,7 @@ def nucleus_block(images: list[BmGrazImage], params: dict, default_min_score: fl
         for image in images:
             _, xy, scores = candidates(segmenter, image.rgb, BM_GRAZ_PIXEL_SIZE_UM * scale)
             per_image.append((xy, scores, image.dots_xy))
-        curve = nucleus_curve(per_image)
+        curve = nucleus_curve(per_image, also=(default_min_score,))
         best = max(curve, key=lambda row: row["f1_mean"])
         default = at_score(curve, default_min_score)
         out[label] = {"default": default, "best": best, "curve": curve}

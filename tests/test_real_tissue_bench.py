@@ -89,3 +89,17 @@ def test_leave_one_image_out_scores_each_image_at_the_others_best(bench) -> None
     # Held out 0: images 1, 2 prefer 0.5 (0.8 vs 0.5). Held out 1 (or 2): images 0, 2 prefer 0.1 (0.7 vs 0.6).
     assert result["chosen_min_score"] == [0.5, 0.1, 0.1]
     assert result["f1_mean"] == pytest.approx((0.4 + 0.5 + 0.5) / 3, abs=1e-4)  # rounded to 4 places
+
+
+def test_the_default_operating_point_is_measured_exactly_even_off_the_grid(bench) -> None:
+    # Before, at_score snapped to the nearest grid value: a default of 0.37 was reported at 0.35.
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 500, (60, 2))
+    scores = rng.uniform(0, 1, 60)
+    dots = xy[:40] + 1.0
+    curve = bench.nucleus_curve([(xy, scores, dots)], also=(0.37,))
+    row = bench.at_score(curve, 0.37)
+    assert row["min_score"] == 0.37
+    assert row["recall_mean"] == pytest.approx(float(np.mean(scores[:40] >= 0.37)))
+    with pytest.raises(ValueError, match="not on the curve"):
+        bench.at_score(bench.nucleus_curve([(xy, scores, dots)]), 0.37)
