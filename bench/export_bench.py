@@ -9,9 +9,11 @@
   an untimed warm-up pass so that both see the same page cache); the best of ``--repeats`` passes.
 * ``export_vs_tile_read`` = ``export_s / tile_read_s`` (goal <= 1.5). On a shared machine the best of
   several runs is the least disturbed one; ``cpu_s`` (process CPU time) is recorded beside each wall time.
-* The replaced site is deleted by a background thread (``remove_old_in_background``): not in ``export_s``;
-  the bench waits for it after each run (``old_site_removal_s``) so that runs do not overlap.
-* ``crop_files_write_s``: writing the same crop files alone, from memory (the file system's share).
+* The replaced site is kept aside and overwritten by the next export (``reuse_replaced``); one that cannot be
+  kept is deleted by a background thread (``remove_old_in_background``): not in ``export_s``; the bench waits
+  for it after each run (``old_site_removal_s``) so that runs do not overlap.
+* ``crop_files_write_s``: writing the same crop files alone, from memory, as new files in a fresh folder
+  (the file system's share; on ext4 without a journal it includes skipping the inodes freed seconds before).
 * ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + labels, process
   = cut + encode, write = crop files; summed over threads) and the pages; ``node_s`` / ``save_s`` split it.
 * ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).

@@ -32,6 +32,7 @@ from mk_hspc.atomic_io import (
     remove_leftovers,
     remove_path,
     replace_path,
+    take_spare,
     temporary_sibling,
     write_json_atomic,
 )
@@ -130,6 +131,10 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         filepath: the output's final path (passed to the wrapped dataset as ``filepath`` or ``path``).
         remove_old_in_background: delete a replaced folder in a background thread (thousands of small
             files, e.g. the annotation site) instead of before ``save`` returns.
+        reuse_replaced: keep the replaced folder aside and hand it to the next save as its temporary
+            folder, to overwrite instead of deleting thousands of files and creating as many (see
+            :func:`mk_hspc.atomic_io.take_spare`). Only for a wrapped dataset whose save leaves the folder
+            holding exactly the new output whatever it held (class attribute ``REWRITES_WHOLE_FOLDER``).
         metadata: free-form metadata, ignored by Kedro.
 
     Example (``catalog.yml``)::
@@ -146,9 +151,15 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         filepath: str,
         metadata: dict[str, Any] | None = None,
         remove_old_in_background: bool = False,
+        reuse_replaced: bool = False,
     ) -> None:
         config = {"type": dataset} if isinstance(dataset, str) else dict(dataset)
         dataset_class, _ = parse_dataset_definition(dict(config))
+        if reuse_replaced and not getattr(dataset_class, "REWRITES_WHOLE_FOLDER", False):
+            raise DatasetError(
+                f"AtomicDataset: reuse_replaced needs a dataset that rewrites its whole folder; {config['type']} "
+                "may leave the replaced output's files in it"
+            )
         parameters = inspect.signature(dataset_class).parameters
         self._path_key = "filepath" if "filepath" in parameters else "path"
         if self._path_key not in parameters:
@@ -157,6 +168,7 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         self._filepath = Path(filepath)
         self.metadata = metadata
         self._remove_old_in_background = bool(remove_old_in_background)
+        self._reuse_replaced = bool(reuse_replaced)
         self.lineage: dict[str, str] = {}  # set by ProvenanceHooks just before a save
         self._verified: tuple[tuple, dict[str, Any]] | None = None  # (stat of the output, its manifest)
 
@@ -169,6 +181,8 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         remove_leftovers(final)
         tmp = temporary_sibling(final)
         try:
+            if self._reuse_replaced:
+                take_spare(final, tmp)
             self._inner(tmp).save(data)
             failpoint(f"atomic:{final.name}:written")
             fsync_tree(tmp)
@@ -185,7 +199,12 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
                 },
             )
             failpoint(f"atomic:{final.name}:manifest")
-            replace_path(tmp, final, remove_old_in_background=self._remove_old_in_background)
+            replace_path(
+                tmp,
+                final,
+                remove_old_in_background=self._remove_old_in_background,
+                keep_old=self._reuse_replaced,
+            )
         except BaseException:
             remove_path(tmp)
             raise

@@ -8,6 +8,7 @@ a folder (the site dataset calls it), so memory holds a few tiles' pixels and cr
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -189,25 +190,70 @@ def safe_relative(path: str) -> PurePosixPath:
 
 
 def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` (site-relative path -> bytes) under ``folder``; no fsync (the site dataset syncs the
-    finished folder once)."""
+    """Write ``files`` (site-relative path -> bytes) under ``folder``, over any file already there; no fsync
+    (the site dataset syncs the finished folder once)."""
     made: set[Path] = set()
     for name, content in files.items():
         target = folder / safe_relative(name)
         if target.parent not in made:
             target.parent.mkdir(parents=True, exist_ok=True)
             made.add(target.parent)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
+            overwrite(fd, content)
         finally:
             os.close(fd)
 
 
+_PAGE_BYTES = mmap.PAGESIZE
+_ZEROS = bytes(_PAGE_BYTES)
+
+
+def overwrite(fd: int, content: bytes) -> None:
+    """Make the open file ``fd`` hold exactly ``content``: whole pages written from offset 0, then the size cut.
+
+    Why not ``O_TRUNC``: truncating a file of a reused folder frees its blocks (on a disk mounted with
+    ``discard``, a discard each: 0.3-1.3 ms per crop file measured) and the write then allocates new ones.
+    Whole pages over the old blocks allocate and free nothing (for a file no longer in the page cache, a
+    partial page would first be read from disk); the cut to the content's size zeroes the padding.
+    """
+    padding = -len(content) % _PAGE_BYTES
+    written = os.writev(fd, [content, _ZEROS[:padding]])
+    if written < len(content) + padding:  # a short write (not seen on local disks): finish it plainly
+        rest = memoryview(bytes(content) + _ZEROS[:padding])[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+    os.ftruncate(fd, len(content))
+
+
+def remove_unwritten(folder: Path, written: set[str]) -> None:
+    """Delete every file and folder under ``folder`` that holds none of ``written`` (site-relative paths):
+    what a reused folder kept from the site it held before."""
+
+    def prune(path: str, prefix: str) -> bool:
+        kept = False
+        with os.scandir(path) as entries:
+            for entry in entries:
+                relative = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if prune(entry.path, relative + "/"):
+                        kept = True
+                    else:
+                        os.rmdir(entry.path)
+                elif relative in written:
+                    kept = True
+                else:
+                    os.unlink(entry.path)
+        return kept
+
+    prune(str(folder), "")
+
+
 def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     """Write the site into ``folder``: tiles flow through a reader -> cutter -> writer pipeline.
+
+    ``folder`` may hold an older site (a reused folder): its files are overwritten and what the new site
+    lacks is removed, so it ends holding exactly the new site.
 
     ``content.threads`` reader threads read tiles ahead (slide region and labels; libCZI decodes without
     the GIL), the calling thread cuts and encodes one tile at a time, and a writer thread writes the
@@ -222,6 +268,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     """
     folder.mkdir(parents=True, exist_ok=True)
     outlines: dict[str, Outline] = {}
+    written: set[str] = set()
     n_crops = 0
 
     def write(tile: TileWork, result: tuple[dict[str, bytes], dict[str, Outline]]) -> None:
@@ -229,6 +276,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         files, tile_outlines = result
         write_files(folder, files)
         outlines.update(tile_outlines)  # one writer thread: no lock needed
+        written.update(files)
         n_crops += len(files)
 
     try:
@@ -247,7 +295,10 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     finally:
         content.close()
     started = time.perf_counter()
-    write_files(folder, content.render(outlines))
+    pages = content.render(outlines)
+    write_files(folder, pages)
+    written.update(pages)
+    remove_unwritten(folder, written)
     busy = {stage: round(seconds, 3) for stage, seconds in stats.busy_s.items()}
     busy["pages"] = round(time.perf_counter() - started, 3)
     logger.info("annotation site: %d tiles, %d crops; stage times %s", len(content.tiles), n_crops, busy)
