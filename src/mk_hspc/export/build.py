@@ -102,6 +102,22 @@ def crop_specs(export: Mapping[str, Any]) -> dict[str, CropSpec]:
     }
 
 
+CROP_FIELDS = ("cell_id", "label", "centroid_x_px", "centroid_y_px")
+
+
+def crop_records(cells: pd.DataFrame) -> dict[tuple[str, str], list[dict]]:
+    """Per (tile, cell type), sorted, the cells' :data:`CROP_FIELDS` as dicts, in table order.
+
+    Only the fields a crop needs: whole rows (``to_dict("records")``, 40 columns) took 0.15 s for 5,000 cells.
+    """
+    columns = [cells[name].tolist() for name in CROP_FIELDS]
+    rows = [dict(zip(CROP_FIELDS, values, strict=True)) for values in zip(*columns, strict=True)]
+    groups = cells.groupby(["tile_id", "cell_type"], sort=True, observed=True).indices
+    return {
+        (str(tile), str(cell_type)): [rows[i] for i in index] for (tile, cell_type), index in groups.items()
+    }
+
+
 def plan_site(
     cells: pd.DataFrame,
     tile_store: TileStore,
@@ -125,11 +141,7 @@ def plan_site(
     low_pct, high_pct = export["normalise_percentiles"]
     quality = int(export["quality"])
 
-    def make_tile(tile_id: str, tile_cells: pd.DataFrame) -> TileWork:
-        by_type = {
-            str(t): of_type.to_dict("records") for t, of_type in tile_cells.groupby("cell_type", sort=True)
-        }
-
+    def make_tile(tile_id: str, by_type: dict[str, list[dict]]) -> TileWork:
         def read() -> TilePixels:
             result = tile_store.read_labels(tile_id, list(by_type), allocate=buffers.take)
             x, y, w, h = result.window
@@ -165,7 +177,10 @@ def plan_site(
 
         return TileWork(tile_id, read, cut)
 
-    tiles = [make_tile(str(tile_id), group) for tile_id, group in selected.groupby("tile_id", sort=True)]
+    by_tile: dict[str, dict[str, list[dict]]] = {}
+    for (tile_id, cell_type), records in crop_records(selected).items():
+        by_tile.setdefault(tile_id, {})[cell_type] = records
+    tiles = [make_tile(tile_id, by_type) for tile_id, by_type in by_tile.items()]
     output_px = {cell_type: spec.output_px for cell_type, spec in specs.items()}
     return SiteContent(
         tiles=tiles,
