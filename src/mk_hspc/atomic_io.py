@@ -48,9 +48,9 @@ SYNCFS_MIN_FILES = 64
 
 def fsync_tree(path: Path) -> None:
     """Make a written file or folder durable (files, then their folders), so a rename never exposes holes."""
+    if path.is_dir() and _has_more_files(path, SYNCFS_MIN_FILES) and _syncfs(path):
+        return  # counted only up to the threshold: listing 5,000 files cost more than the syncfs
     files = _files_under(path) if path.is_dir() else [path]
-    if len(files) > SYNCFS_MIN_FILES and _syncfs(path):
-        return
     for file in files:
         fsync_path(file)
     for folder in {file.parent for file in files} | ({path} if path.is_dir() else set()):
@@ -63,6 +63,16 @@ def _files_under(folder: Path) -> list[Path]:
     for parent, _, names in os.walk(folder):
         files.extend(Path(parent, name) for name in names if os.path.isfile(os.path.join(parent, name)))
     return files
+
+
+def _has_more_files(folder: Path, count: int) -> bool:
+    """Whether ``folder`` holds more than ``count`` files, looking no further than that."""
+    seen = 0
+    for parent, _, names in os.walk(folder):
+        seen += sum(os.path.isfile(os.path.join(parent, name)) for name in names)
+        if seen > count:
+            return True
+    return False
 
 
 def _syncfs(path: Path) -> bool:
