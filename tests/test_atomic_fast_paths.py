@@ -177,3 +177,20 @@ def test_reuse_needs_a_dataset_that_rewrites_its_whole_folder(tmp_path: Path) ->
             str(tmp_path / "parts"),
             reuse_replaced=True,
         )
+
+
+def test_a_page_drafting_error_fails_the_save(tmp_path: Path) -> None:
+    from kedro.io import DatasetError
+
+    from mk_hspc.export.site import SiteContent
+
+    def draft() -> None:
+        raise ValueError("draft failed")
+
+    output = AtomicDataset(
+        {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(tmp_path / "site")
+    )
+    content = SiteContent(tiles=[], render=lambda outlines: {"cells.json": b"{}"}, prepare=draft)
+    with pytest.raises(DatasetError, match="draft failed"):
+        output.save(content)
+    assert not (tmp_path / "site").exists()

@@ -7,12 +7,14 @@ a folder (the site dataset calls it), so memory holds a few tiles' pixels and cr
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,7 +25,15 @@ import pandas as pd
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.prefetch import run_prefetched
 from mk_hspc.export.crops import CropSpec, normalisation_limits, tile_crops
-from mk_hspc.export.site import Outline, SiteContent, TileWork, assign_pages, crop_path, page_files
+from mk_hspc.export.site import (
+    Outline,
+    SiteContent,
+    TileWork,
+    assign_pages,
+    crop_path,
+    draft_pages,
+    fill_pages,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,11 +192,13 @@ def plan_site(
         by_tile.setdefault(tile_id, {})[cell_type] = records
     tiles = [make_tile(tile_id, by_type) for tile_id, by_type in by_tile.items()]
     output_px = {cell_type: spec.output_px for cell_type, spec in specs.items()}
+    draft = functools.cache(
+        lambda: draft_pages(pages, cell_types, output_px, image_format, sorted(slide_loaders))
+    )
     return SiteContent(
         tiles=tiles,
-        render=lambda outlines: page_files(
-            pages, outlines, cell_types, output_px, image_format, sorted(slide_loaders)
-        ),
+        render=lambda outlines: fill_pages(draft(), outlines),
+        prepare=draft,
         threads=int(export.get("threads", 1)),
         close=lambda: (pool.close(), buffers.clear()),
     )
@@ -273,7 +285,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     ``content.threads`` reader threads read tiles ahead (slide region and labels; libCZI decodes without
     the GIL), the calling thread cuts and encodes one tile at a time, and a writer thread writes the
     finished crops, so the wall time tends to the largest of the three rather than their sum. Pages are
-    rendered last (they need every outline).
+    drafted meanwhile by another thread and finished last (they need every outline).
 
     Returns:
         ``{"tiles": ..., "crops": ..., "busy_s": {stage: seconds summed over threads}}``.
@@ -294,6 +306,9 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         written.update(files)
         n_crops += len(files)
 
+    # Drafting the pages is Python work that fits where the cutter waits for the first tile's read.
+    drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-pages")
+    drafted = drafting.submit(content.prepare)
     try:
         stats = run_prefetched(
             content.tiles,
@@ -309,7 +324,9 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         )
     finally:
         content.close()
+        drafting.shutdown(wait=True)
     started = time.perf_counter()
+    drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
     write_files(folder, pages)
     written.update(pages)
