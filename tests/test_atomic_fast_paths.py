@@ -194,3 +194,16 @@ def test_a_page_drafting_error_fails_the_save(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="draft failed"):
         output.save(content)
     assert not (tmp_path / "site").exists()
+
+
+def test_synced_digest_syncs_and_hashes_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mk_hspc.datasets import atomic
+
+    for name in ("a.txt", "b/c.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_tree", synced.append)
+    assert atomic.synced_digest(tmp_path) == content_digest(tmp_path) == pathlib_digest(tmp_path)
+    assert atomic.synced_digest(tmp_path / "a.txt") == content_digest(tmp_path / "a.txt")
+    assert synced == [tmp_path, tmp_path / "a.txt"]

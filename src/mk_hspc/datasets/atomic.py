@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,21 @@ def content_digest(path: Path) -> str:
     else:
         _update_with_file(sha, path)
     return sha.hexdigest()
+
+
+def synced_digest(path: Path) -> str:
+    """Make ``path`` durable (:func:`fsync_tree`) and return its :func:`content_digest`.
+
+    A folder is hashed by another thread while the sync waits for the disk: reading back thousands of small
+    files from the page cache and flushing them to disk need different resources, so the two overlap.
+    """
+    if not path.is_dir():
+        fsync_tree(path)
+        return content_digest(path)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as pool:
+        digest = pool.submit(content_digest, path)
+        fsync_tree(path)
+        return digest.result()
 
 
 def _visible_files(folder: str, parts: tuple[str, ...]) -> list[tuple[tuple[str, ...], str]]:
@@ -189,8 +205,7 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
                 take_spare(final, tmp)
             self._inner(tmp).save(data)
             failpoint(f"atomic:{final.name}:written")
-            fsync_tree(tmp)
-            digest = content_digest(tmp)
+            digest = synced_digest(tmp)
             # The manifest goes first: a crash before the data rename leaves old data under a new manifest,
             # which loads as a mismatch (refused), never as a silently accepted old output.
             write_json_atomic(
