@@ -12,7 +12,7 @@ import shapely
 from PIL import Image
 from shapely.geometry import shape
 
-from mk_hspc.export.build import plan_site, safe_relative, write_site
+from mk_hspc.export.build import plan_site, safe_relative, write_files, write_site
 from mk_hspc.export.crops import crop_box, cut_padded, outline_polygon
 from mk_hspc.export.interop import label_studio_tasks, qupath_geojson
 from mk_hspc.export.site import assign_pages
@@ -104,6 +104,21 @@ def test_site_paths_cannot_leave_the_folder() -> None:
         with pytest.raises(ValueError, match="leave the site"):
             safe_relative(bad)
     assert str(safe_relative("crops/t/c.webp")) == "crops/t/c.webp"
+
+
+def test_site_files_are_written_in_place_and_never_through_a_link(tmp_path: Path) -> None:
+    site, outside = tmp_path / "site", tmp_path / "outside.txt"
+    write_files(site, {"index.html": b"a" * 5000, "crops/t/c.jpg": b"c"})
+    write_files(site, {"index.html": b"b", "crops/t/c.jpg": b"d" * 9000})  # shorter and longer rewrites
+    assert (site / "index.html").read_bytes() == b"b" and (site / "crops/t/c.jpg").read_bytes() == b"d" * 9000
+    outside.write_bytes(b"keep")
+    (site / "crops/t/link.jpg").symlink_to(outside)  # planted in a reused folder
+    with pytest.raises(OSError):
+        write_files(site, {"crops/t/link.jpg": b"x"})
+    assert outside.read_bytes() == b"keep"
+    with pytest.raises(ValueError, match="leave the site"):
+        write_files(site, {"../escape.txt": b"x"})
+    assert not (tmp_path / "escape.txt").exists()
 
 
 def test_orders_by_slide_and_seeded_random(study: Study) -> None:
