@@ -207,3 +207,13 @@ def test_synced_digest_syncs_and_hashes_a_folder(tmp_path: Path, monkeypatch: py
     assert atomic.synced_digest(tmp_path) == content_digest(tmp_path) == pathlib_digest(tmp_path)
     assert atomic.synced_digest(tmp_path / "a.txt") == content_digest(tmp_path / "a.txt")
     assert synced == [tmp_path, tmp_path / "a.txt"]
+
+
+def test_a_spare_is_dropped_once_reuse_is_turned_off(tmp_path: Path) -> None:
+    final = tmp_path / "site"
+    site = {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}
+    for _ in range(2):
+        AtomicDataset(site, str(final), reuse_replaced=True).save(_site({"x.txt": b"x"}))
+    assert atomic_io.spare_sibling(final).is_dir()
+    AtomicDataset(site, str(final)).save(_site({"x.txt": b"y"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]

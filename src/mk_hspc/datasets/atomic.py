@@ -33,6 +33,7 @@ from mk_hspc.atomic_io import (
     remove_leftovers,
     remove_path,
     replace_path,
+    spare_sibling,
     take_spare,
     temporary_sibling,
     write_json_atomic,
@@ -203,6 +204,8 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         try:
             if self._reuse_replaced:
                 take_spare(final, tmp)
+            else:
+                remove_path(spare_sibling(final))  # kept while reuse_replaced was on: no longer wanted
             self._inner(tmp).save(data)
             failpoint(f"atomic:{final.name}:written")
             digest = synced_digest(tmp)
