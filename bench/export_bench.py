@@ -16,6 +16,8 @@
   (the file system's share; on ext4 without a journal it includes skipping the inodes freed seconds before).
 * ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + labels, process
   = cut + encode, write = crop files; summed over threads) and the pages; ``node_s`` / ``save_s`` split it.
+  ``stages_cpu_s``: the CPU time of the same threads in each stage (pages: drafting + filling in); busy
+  time above it is time spent waiting for a core (2 cores, 3-4 busy threads) or the disk.
 * ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).
 * ``qupath_geojson_s``: the QuPath GeoJSON of the same cells (exact outlines from the tile store), apart.
 
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                     # the replaced site's deletion, left to a background thread (not in wall_s)
                     "old_site_removal_s": round(time.perf_counter() - removal_start, 3),
                     "stages_busy_s": content.stats["busy_s"],
+                    "stages_cpu_s": content.stats["cpu_s"],
                     "loadavg_1min": round(os.getloadavg()[0], 2),
                 }
             )

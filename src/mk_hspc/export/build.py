@@ -292,6 +292,13 @@ def remove_unwritten(folder: Path, written: set[str]) -> None:
     prune(str(folder), "")
 
 
+def _thread_cpu_s(func: Callable[[], Any]) -> float:
+    """Run ``func``; the CPU seconds its thread spent."""
+    started = time.thread_time()
+    func()
+    return time.thread_time() - started
+
+
 def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     """Write the site into ``folder``: tiles flow through a reader -> cutter -> writer pipeline.
 
@@ -304,7 +311,8 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     drafted meanwhile by another thread and finished last (they need every outline).
 
     Returns:
-        ``{"tiles": ..., "crops": ..., "busy_s": {stage: seconds summed over threads}}``.
+        ``{"tiles": ..., "crops": ..., "busy_s": {stage: seconds summed over threads}, "cpu_s": {stage:
+        CPU seconds of those threads}}``.
 
     Raises:
         StageError: a tile failed to read, cut or write (the error names the tile).
@@ -324,7 +332,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
 
     # Drafting the pages is Python work that fits where the cutter waits for the first tile's read.
     drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-pages")
-    drafted = drafting.submit(content.prepare)
+    drafted = drafting.submit(_thread_cpu_s, content.prepare)
     try:
         stats = run_prefetched(
             content.tiles,
@@ -341,14 +349,16 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     finally:
         content.close()
         drafting.shutdown(wait=True)
-    started = time.perf_counter()
-    drafted.result()  # re-raises a drafting error
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    drafting_cpu_s = drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
     write_files(folder, pages)
     written.update(pages)
     remove_unwritten(folder, written)
     busy = {stage: round(seconds, 3) for stage, seconds in stats.busy_s.items()}
     busy["pages"] = round(time.perf_counter() - started, 3)
+    cpu = {stage: round(seconds, 3) for stage, seconds in stats.cpu_s.items()}
+    cpu["pages"] = round(drafting_cpu_s + time.thread_time() - cpu_started, 3)  # drafting included
     logger.info("annotation site: %d tiles, %d crops; stage times %s", len(content.tiles), n_crops, busy)
-    content.stats = {"tiles": len(content.tiles), "crops": n_crops, "busy_s": busy}
+    content.stats = {"tiles": len(content.tiles), "crops": n_crops, "busy_s": busy, "cpu_s": cpu}
     return content.stats
