@@ -259,3 +259,30 @@ def test_the_index_lists_a_slide_without_candidates(study: Study) -> None:
     pages = assign_pages(study.cells, ["mk", "hspc"], 4, "score", 0)
     index = render_index(pages, ["mk", "hspc"], [*study.slide_meta, "EMPTY"])
     assert "<th scope=row>EMPTY</th><td>0</td>" in index
+
+
+def test_site_paths_are_the_files_a_site_holds(study: Study, site: tuple[Path, list]) -> None:
+    folder, _ = site
+    content = plan_site(study.cells, study.store, study.loaders(), EXPORT_PARAMS)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert content.paths is not None and content.paths() == on_disk
+
+
+def test_a_reused_site_renames_its_files_to_the_new_names(study: Study, tmp_path: Path) -> None:
+    """JPEG -> WebP over a reused folder: every crop file is renamed and rewritten, none created or left."""
+    folder = tmp_path / "site"
+    write_site(
+        plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "jpeg"}),
+        folder,
+    )
+    inodes = {p.stat().st_ino for p in folder.rglob("*.jpg")}
+    webp = plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "webp"})
+    write_site(webp, folder)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert on_disk == webp.paths() and not any(folder.rglob("*.jpg"))
+    assert {p.stat().st_ino for p in folder.rglob("*.webp")} <= inodes  # the JPEG files' inodes
+    fresh = tmp_path / "fresh"
+    write_site(
+        plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "webp"}), fresh
+    )
+    assert all((folder / name).read_bytes() == (fresh / name).read_bytes() for name in on_disk)

@@ -33,6 +33,7 @@ from mk_hspc.export.site import (
     crop_path,
     draft_pages,
     fill_pages,
+    site_paths,
 )
 
 logger = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def plan_site(
         tiles=tiles,
         render=lambda outlines: fill_pages(draft(), outlines),
         prepare=draft,
+        paths=lambda: site_paths(pages, cell_types, image_format),
         threads=int(export.get("threads", 1)),
         close=lambda: (pool.close(), buffers.clear()),
     )
@@ -221,9 +223,24 @@ def check_site_path(path: str) -> None:
         raise ValueError(f"site path {path!r} would leave the site folder")
 
 
-def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
+class Recycler:
+    """The files of a reused folder, and those of them the new content will not have (to be renamed).
+
+    Args:
+        existing: site-relative paths of the files the folder holds.
+        spare: those of ``existing`` the new content lacks; :func:`write_files` renames one of them to each
+            new name it writes, so that no inode is created or freed (see :func:`mk_hspc.atomic_io.take_spare`).
+    """
+
+    def __init__(self, existing: set[str], spare: list[str]) -> None:
+        self.existing = existing
+        self.spare = spare
+
+
+def write_files(folder: Path, files: Mapping[str, bytes], recycler: Recycler | None = None) -> None:
     """Write ``files`` (site-relative path -> bytes) under ``folder``, over any file already there; no fsync
-    (the site dataset syncs the finished folder once).
+    (the site dataset syncs the finished folder once). A file that is not there yet is, when ``recycler``
+    has a spare file, that file renamed.
 
     Files are opened relative to their folder's descriptor, without following a link: no path object and
     no path walk per file (a tile's few hundred crops share one folder).
@@ -238,6 +255,11 @@ def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
                 (folder / parent).mkdir(parents=True, exist_ok=True)
                 folder_fd = os.open(folder / parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
                 folder_fds[parent] = folder_fd
+            if recycler is not None and recycler.spare and name not in recycler.existing:
+                spare = recycler.spare.pop()
+                os.rename(f"{folder}/{spare}", f"{folder}/{name}")
+                recycler.existing.discard(spare)
+                recycler.existing.add(name)
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=folder_fd)
             try:
                 overwrite(fd, content)
@@ -267,6 +289,27 @@ def overwrite(fd: int, content: bytes) -> None:
         while rest:
             rest = rest[os.write(fd, rest) :]
     os.ftruncate(fd, len(content))
+
+
+def _recycler(folder: Path, paths: Callable[[], frozenset[str]] | None) -> Recycler | None:
+    """What ``folder`` holds and which of it the new site (``paths``) lacks; None for an empty folder."""
+    existing = set(_regular_files(str(folder), ""))
+    if not existing:
+        return None
+    wanted = paths() if paths is not None else frozenset()
+    return Recycler(existing, sorted(existing - wanted, reverse=True) if paths is not None else [])
+
+
+def _regular_files(path: str, prefix: str) -> list[str]:
+    """Site-relative paths of the regular files under ``path`` (a link is never reused, only replaced)."""
+    files = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                files += _regular_files(entry.path, prefix + entry.name + "/")
+            elif entry.is_file(follow_symlinks=False):
+                files.append(prefix + entry.name)
+    return files
 
 
 def remove_unwritten(folder: Path, written: set[str]) -> None:
@@ -318,6 +361,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         StageError: a tile failed to read, cut or write (the error names the tile).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    recycler = _recycler(folder, content.paths)
     outlines: dict[str, Outline] = {}
     written: set[str] = set()
     n_crops = 0
@@ -325,7 +369,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     def write(tile: TileWork, result: tuple[dict[str, bytes], dict[str, Outline]]) -> None:
         nonlocal n_crops
         files, tile_outlines = result
-        write_files(folder, files)
+        write_files(folder, files, recycler)
         outlines.update(tile_outlines)  # one writer thread: no lock needed
         written.update(files)
         n_crops += len(files)
@@ -352,7 +396,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.thread_time()
     drafting_cpu_s = drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
-    write_files(folder, pages)
+    write_files(folder, pages, recycler)
     written.update(pages)
     remove_unwritten(folder, written)
     busy = {stage: round(seconds, 3) for stage, seconds in stats.busy_s.items()}

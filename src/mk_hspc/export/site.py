@@ -60,6 +60,9 @@ class SiteContent:
         render: ``outlines -> {site-relative path: bytes}``: index, pages, assets, cells index.
         prepare: drafts what ``render`` can before the outlines exist; run while the tiles are cut, so
             that only the outlines are left to fill in after the last tile (``render`` works without it).
+        paths: every site-relative path the site will hold (crops and the rest), when known: a reused
+            folder's files that the new site lacks are then renamed to new names instead of deleted
+            while as many are created.
         threads: reader threads (tiles read ahead of the one being cut).
         close: called once every tile has run (closes the slides the reads opened).
         stats: filled in by :func:`mk_hspc.export.build.write_site` (counts and busy time per stage).
@@ -68,6 +71,7 @@ class SiteContent:
     tiles: list[TileWork]
     render: Callable[[dict[str, Outline]], dict[str, bytes]]
     prepare: Callable[[], Any] = lambda: None
+    paths: Callable[[], frozenset[str]] | None = None
     threads: int = 1
     close: Callable[[], None] = lambda: None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -325,3 +329,17 @@ def draft_pages(
 def fill_pages(draft: SiteDraft, outlines: Mapping[str, Outline]) -> dict[str, bytes]:
     """The site's files but the crops, the outlines filled in."""
     return {**draft.files, **{path: page.fill(outlines).encode() for path, page in draft.pages.items()}}
+
+
+def site_paths(pages: pd.DataFrame, cell_types: Iterable[str], image_format: str) -> frozenset[str]:
+    """Every site-relative path of the site of ``pages`` (crops, pages, index, cells index, assets)."""
+    crops = map(
+        crop_path,
+        pages["tile_id"].astype(str).tolist(),
+        pages["cell_id"].astype(str).tolist(),
+        [image_format] * len(pages),
+    )
+    page_keys = pages[pages["cell_type"].isin(list(cell_types))][["cell_type", "page"]].drop_duplicates()
+    page_files = (page_path(str(t), int(p)) for t, p in page_keys.itertuples(index=False))
+    fixed = ["index.html", CELLS_INDEX, *(f"assets/{name}" for name in ASSET_NAMES)]
+    return frozenset([*crops, *page_files, *fixed])
