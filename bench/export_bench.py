@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     site_bytes = sum(p.stat().st_size for p in files)
     crops = [p for p in files if p.parts[len(site.parts)] == "crops"]
     # The file system's share: writing the same crop files alone (bytes already in memory, no fsync).
-    from mk_hspc.export.build import write_files
+    from mk_hspc.export.files import write_files
 
     crop_bytes = {str(p.relative_to(site)): p.read_bytes() for p in crops}
     scratch = project / "data" / ".crop_write_probe"

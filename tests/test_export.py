@@ -12,8 +12,9 @@ import shapely
 from PIL import Image
 from shapely.geometry import shape
 
-from mk_hspc.export.build import plan_site, safe_relative, write_files, write_site
+from mk_hspc.export.build import plan_site, write_site
 from mk_hspc.export.crops import crop_box, cut_padded, outline_polygon
+from mk_hspc.export.files import safe_relative, write_files
 from mk_hspc.export.interop import label_studio_tasks, qupath_geojson
 from mk_hspc.export.site import assign_pages
 from mk_hspc.labels.contract import parse_label_file
