@@ -9,11 +9,15 @@
   an untimed warm-up pass so that both see the same page cache); the best of ``--repeats`` passes.
 * ``export_vs_tile_read`` = ``export_s / tile_read_s`` (goal <= 1.5). On a shared machine the best of
   several runs is the least disturbed one; ``cpu_s`` (process CPU time) is recorded beside each wall time.
-* The replaced site is deleted by a background thread (``remove_old_in_background``): not in ``export_s``;
-  the bench waits for it after each run (``old_site_removal_s``) so that runs do not overlap.
-* ``crop_files_write_s``: writing the same crop files alone, from memory (the file system's share).
+* The replaced site is kept aside and overwritten by the next export (``reuse_replaced``); one that cannot be
+  kept is deleted by a background thread (``remove_old_in_background``): not in ``export_s``; the bench waits
+  for it after each run (``old_site_removal_s``) so that runs do not overlap.
+* ``crop_files_write_s``: writing the same crop files alone, from memory, as new files in a fresh folder
+  (the file system's share; on ext4 without a journal it includes skipping the inodes freed seconds before).
 * ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + labels, process
   = cut + encode, write = crop files; summed over threads) and the pages; ``node_s`` / ``save_s`` split it.
+  ``stages_cpu_s``: the CPU time of the same threads in each stage (pages: drafting + filling in); busy
+  time above it is time spent waiting for a core (2 cores, 3-4 busy threads) or the disk.
 * ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).
 * ``qupath_geojson_s``: the QuPath GeoJSON of the same cells (exact outlines from the tile store), apart.
 
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                     # the replaced site's deletion, left to a background thread (not in wall_s)
                     "old_site_removal_s": round(time.perf_counter() - removal_start, 3),
                     "stages_busy_s": content.stats["busy_s"],
+                    "stages_cpu_s": content.stats["cpu_s"],
                     "loadavg_1min": round(os.getloadavg()[0], 2),
                 }
             )
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     site_bytes = sum(p.stat().st_size for p in files)
     crops = [p for p in files if p.parts[len(site.parts)] == "crops"]
     # The file system's share: writing the same crop files alone (bytes already in memory, no fsync).
-    from mk_hspc.export.build import write_files
+    from mk_hspc.export.files import write_files
 
     crop_bytes = {str(p.relative_to(site)): p.read_bytes() for p in crops}
     scratch = project / "data" / ".crop_write_probe"

@@ -101,3 +101,119 @@ def test_folder_swap_leaves_only_the_new_folder(tmp_path: Path, background: bool
         atomic_io.replace_path(tmp, final, remove_old_in_background=background)
     wait_for_background_removals()
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (final / "f").read_text() == "new"
+
+
+def _site(files: dict[str, bytes]):
+    from mk_hspc.export.site import SiteContent
+
+    return SiteContent(tiles=[], render=lambda outlines: {"cells.json": b'{"cells": {}}', **files})
+
+
+def test_replaced_site_is_kept_and_overwritten_by_the_next_save(tmp_path: Path) -> None:
+    final = tmp_path / "site"
+    output = AtomicDataset(
+        {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"},
+        str(final),
+        reuse_replaced=True,
+        remove_old_in_background=True,
+    )
+    first = {
+        "crops/t1/a.jpg": b"a" * 5000,
+        "crops/t1/b.jpg": b"b" * 10,
+        "crops/t2/c.jpg": b"c",
+        "old.txt": b"o",
+    }
+    output.save(_site(first))
+    inodes = {name: (final / name).stat().st_ino for name in first}
+    output.save(_site({"x.txt": b"second"}))  # the first site becomes the spare
+    spare = atomic_io.spare_sibling(final)
+    assert (spare / "old.txt").read_bytes() == b"o"
+    # Shorter, longer and equal contents over the first site's files; two of its files and a folder dropped.
+    third = {"crops/t1/a.jpg": b"A" * 3, "crops/t1/b.jpg": b"B" * 9000, "crops/t3/d.jpg": b"d"}
+    output.save(_site(third))
+    wait_for_background_removals()
+    expected = {"cells.json": b'{"cells": {}}', **third}
+    on_disk = {
+        p.relative_to(final).as_posix(): p.read_bytes() for p in sorted(final.rglob("*")) if p.is_file()
+    }
+    assert on_disk == expected
+    assert sorted(p.name for p in (final / "crops").iterdir()) == ["t1", "t3"]
+    for name in ("crops/t1/a.jpg", "crops/t1/b.jpg"):
+        assert (final / name).stat().st_ino == inodes[name]  # overwritten in place, not created anew
+    assert (spare / "x.txt").read_bytes() == b"second"  # the second site waits to be reused in turn
+    assert output.load().root == final  # the manifest's digest matches what the reused folder holds
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.spare", "site", "site.manifest.json"]
+
+
+def test_a_failed_save_over_the_spare_keeps_the_published_site(tmp_path: Path) -> None:
+    from kedro.io import DatasetError
+
+    from mk_hspc.export.site import SiteContent
+
+    final = tmp_path / "site"
+    output = AtomicDataset(
+        {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(final), reuse_replaced=True
+    )
+    output.save(_site({"x.txt": b"first"}))
+    output.save(_site({"x.txt": b"second"}))
+
+    def fail(outlines: dict) -> dict:
+        raise RuntimeError("render failed")
+
+    with pytest.raises(DatasetError, match="render failed"):
+        output.save(SiteContent(tiles=[], render=fail))
+    assert (final / "x.txt").read_bytes() == b"second" and output.load().root == final
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]  # spare spent
+    output.save(_site({"x.txt": b"third"}))
+    assert (final / "x.txt").read_bytes() == b"third" and output.load().root == final
+
+
+def test_reuse_needs_a_dataset_that_rewrites_its_whole_folder(tmp_path: Path) -> None:
+    from kedro.io import DatasetError
+
+    with pytest.raises(DatasetError, match="rewrites its whole folder"):
+        AtomicDataset(
+            {"type": "partitions.PartitionedDataset", "dataset": "json.JSONDataset"},
+            str(tmp_path / "parts"),
+            reuse_replaced=True,
+        )
+
+
+def test_a_page_drafting_error_fails_the_save(tmp_path: Path) -> None:
+    from kedro.io import DatasetError
+
+    from mk_hspc.export.site import SiteContent
+
+    def draft() -> None:
+        raise ValueError("draft failed")
+
+    output = AtomicDataset(
+        {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(tmp_path / "site")
+    )
+    content = SiteContent(tiles=[], render=lambda outlines: {"cells.json": b"{}"}, prepare=draft)
+    with pytest.raises(DatasetError, match="draft failed"):
+        output.save(content)
+    assert not (tmp_path / "site").exists()
+
+
+def test_synced_digest_syncs_and_hashes_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mk_hspc.datasets import atomic
+
+    for name in ("a.txt", "b/c.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_tree", synced.append)
+    assert atomic.synced_digest(tmp_path) == content_digest(tmp_path) == pathlib_digest(tmp_path)
+    assert atomic.synced_digest(tmp_path / "a.txt") == content_digest(tmp_path / "a.txt")
+    assert synced == [tmp_path, tmp_path / "a.txt"]
+
+
+def test_a_spare_is_dropped_once_reuse_is_turned_off(tmp_path: Path) -> None:
+    final = tmp_path / "site"
+    site = {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}
+    for _ in range(2):
+        AtomicDataset(site, str(final), reuse_replaced=True).save(_site({"x.txt": b"x"}))
+    assert atomic_io.spare_sibling(final).is_dir()
+    AtomicDataset(site, str(final)).save(_site({"x.txt": b"y"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]

@@ -12,8 +12,9 @@ import shapely
 from PIL import Image
 from shapely.geometry import shape
 
-from mk_hspc.export.build import plan_site, safe_relative, write_site
+from mk_hspc.export.build import plan_site, write_site
 from mk_hspc.export.crops import crop_box, cut_padded, outline_polygon
+from mk_hspc.export.files import safe_relative, write_files
 from mk_hspc.export.interop import label_studio_tasks, qupath_geojson
 from mk_hspc.export.site import assign_pages
 from mk_hspc.labels.contract import parse_label_file
@@ -104,6 +105,21 @@ def test_site_paths_cannot_leave_the_folder() -> None:
         with pytest.raises(ValueError, match="leave the site"):
             safe_relative(bad)
     assert str(safe_relative("crops/t/c.webp")) == "crops/t/c.webp"
+
+
+def test_site_files_are_written_in_place_and_never_through_a_link(tmp_path: Path) -> None:
+    site, outside = tmp_path / "site", tmp_path / "outside.txt"
+    write_files(site, {"index.html": b"a" * 5000, "crops/t/c.jpg": b"c"})
+    write_files(site, {"index.html": b"b", "crops/t/c.jpg": b"d" * 9000})  # shorter and longer rewrites
+    assert (site / "index.html").read_bytes() == b"b" and (site / "crops/t/c.jpg").read_bytes() == b"d" * 9000
+    outside.write_bytes(b"keep")
+    (site / "crops/t/link.jpg").symlink_to(outside)  # planted in a reused folder
+    with pytest.raises(OSError):
+        write_files(site, {"crops/t/link.jpg": b"x"})
+    assert outside.read_bytes() == b"keep"
+    with pytest.raises(ValueError, match="leave the site"):
+        write_files(site, {"../escape.txt": b"x"})
+    assert not (tmp_path / "escape.txt").exists()
 
 
 def test_orders_by_slide_and_seeded_random(study: Study) -> None:
@@ -244,3 +260,30 @@ def test_the_index_lists_a_slide_without_candidates(study: Study) -> None:
     pages = assign_pages(study.cells, ["mk", "hspc"], 4, "score", 0)
     index = render_index(pages, ["mk", "hspc"], [*study.slide_meta, "EMPTY"])
     assert "<th scope=row>EMPTY</th><td>0</td>" in index
+
+
+def test_site_paths_are_the_files_a_site_holds(study: Study, site: tuple[Path, list]) -> None:
+    folder, _ = site
+    content = plan_site(study.cells, study.store, study.loaders(), EXPORT_PARAMS)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert content.paths is not None and content.paths() == on_disk
+
+
+def test_a_reused_site_renames_its_files_to_the_new_names(study: Study, tmp_path: Path) -> None:
+    """JPEG -> WebP over a reused folder: every crop file is renamed and rewritten, none created or left."""
+    folder = tmp_path / "site"
+    write_site(
+        plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "jpeg"}),
+        folder,
+    )
+    inodes = {p.stat().st_ino for p in folder.rglob("*.jpg")}
+    webp = plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "webp"})
+    write_site(webp, folder)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert on_disk == webp.paths() and not any(folder.rglob("*.jpg"))
+    assert {p.stat().st_ino for p in folder.rglob("*.webp")} <= inodes  # the JPEG files' inodes
+    fresh = tmp_path / "fresh"
+    write_site(
+        plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "webp"}), fresh
+    )
+    assert all((folder / name).read_bytes() == (fresh / name).read_bytes() for name in on_disk)

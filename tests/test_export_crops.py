@@ -193,7 +193,7 @@ def test_site_pipeline_records_its_stages(study: Study, tmp_path: Path) -> None:
     content = plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "threads": 1})
     stats = write_site(content, tmp_path / "site")
     assert stats["tiles"] == len(study.store.tiles) and stats["crops"] == len(study.cells)
-    assert set(stats["busy_s"]) == {"read", "process", "write", "pages"}
+    assert set(stats["busy_s"]) == set(stats["cpu_s"]) == {"read", "process", "write", "pages"}
     assert content.stats == stats
 
 

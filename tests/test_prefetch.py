@@ -78,6 +78,9 @@ def test_threaded_output_equals_sequential_and_memory_is_bounded():
     assert stats.n_items == len(items)
     assert stats.totals == {"total": sum(expected.values())}
     assert set(stats.busy_s) == {"read", "process", "write"} and all(v > 0 for v in stats.busy_s.values())
+    # CPU time of the stage threads: never above their wall time inside the stage (timer resolution aside)
+    assert set(stats.cpu_s) == set(stats.busy_s)
+    assert all(0 <= stats.cpu_s[stage] <= stats.busy_s[stage] + 0.01 for stage in stats.busy_s)
     # the queues never held more than their bound, and live items never exceeded what the bounds allow
     assert 1 <= stats.max_read_queue <= 2
     assert 1 <= stats.max_write_queue <= 3

@@ -36,6 +36,10 @@ class AnnotationSiteDataset(AbstractDataset[SiteContent, AnnotationSite]):
         metadata: free-form metadata, ignored by Kedro.
     """
 
+    # A save leaves the folder holding exactly the new site, whatever it held: AtomicDataset may hand it the
+    # replaced site's folder to overwrite (``reuse_replaced``).
+    REWRITES_WHOLE_FOLDER = True
+
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
         self.metadata = metadata

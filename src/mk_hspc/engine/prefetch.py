@@ -55,6 +55,8 @@ class EngineStats:
     max_in_flight: int = 0
     totals: dict[str, int] = field(default_factory=dict)
     busy_s: dict[str, float] = field(default_factory=dict)  # summed time inside read / process / write
+    # summed CPU time of the threads inside each stage (below busy_s when a stage waits for a core or I/O)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     failures: list[StageError] = field(default_factory=list)  # items skipped under ``isolate_failures``
 
     @property
@@ -90,6 +92,7 @@ class _Run:
         self.n_done = 0
         self.totals: Counter[str] = Counter()
         self.busy_s: Counter[str] = Counter()
+        self.cpu_s: Counter[str] = Counter()
         self.failures: list[StageError] = []
         self._bar = bar
 
@@ -112,13 +115,14 @@ class _Run:
         self.stop.set()
 
     def timed(self, stage: str, func: Callable[..., Any], *args: Any) -> Any:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             return func(*args)
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
             with self._lock:
                 self.busy_s[stage] += elapsed
+                self.cpu_s[stage] += cpu
 
     def started(self) -> None:
         with self._lock:
@@ -293,6 +297,7 @@ def run_prefetched(
         max_in_flight=run.max_in_flight,
         totals=dict(run.totals),
         busy_s=dict(run.busy_s),
+        cpu_s=dict(run.cpu_s),
         failures=list(run.failures),
     )
 

@@ -9,6 +9,7 @@ as an SVG overlay that can be hidden, instead of burning it into the image.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -201,8 +202,14 @@ def mask_outline(mask: np.ndarray) -> str:
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return ""
-    contour = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.7, True)
-    return " ".join(map(str, contour.ravel().tolist()))
+    points = cv2.approxPolyDP(max(contours, key=cv2.contourArea), 0.7, True).ravel().tolist()
+    return _svg_format(len(points)) % tuple(points)
+
+
+@functools.cache
+def _svg_format(n_numbers: int) -> str:
+    """``"%d %d ... %d"``: one %-format of all the numbers is twice as fast as joining their ``str``."""
+    return " ".join(["%d"] * n_numbers)
 
 
 def tile_crops(
@@ -266,19 +273,28 @@ def _crop_batch(
     n, px = len(cells), spec.output_px
     images = np.empty((n, px, px, 3), np.uint8)
     own_labels = np.empty((n, px, px), labels.dtype)
+    # crop_box and window inlined (the same arithmetic): ~3 us less per crop.
+    side = crop_box(0.0, 0.0, spec.crop_um, pixel_size_um)[2]
+    half, (window_x, window_y), (height, width) = side / 2, window_xy, tile_rgb.shape[:2]
+    # Below 2x, shrink is one bilinear resize (its integer area step needs side >= 2 * px).
+    one_step = side < 2 * px and side != px
     for i, cell in enumerate(cells):
-        x0, y0, side = crop_box(cell["centroid_x_px"], cell["centroid_y_px"], spec.crop_um, pixel_size_um)
-        local_x, local_y = x0 - window_xy[0], y0 - window_xy[1]
+        local_x = int(round(cell["centroid_x_px"] - half)) - window_x
+        local_y = int(round(cell["centroid_y_px"] - half)) - window_y
+        if 0 <= local_x <= width - side and 0 <= local_y <= height - side:
+            pixels = tile_rgb[local_y : local_y + side, local_x : local_x + side]
+            own = labels[local_y : local_y + side, local_x : local_x + side]
+        else:
+            pixels = cut_padded(tile_rgb, local_x, local_y, side, WHITE)
+            own = cut_padded(labels, local_x, local_y, side, 0)
         # Resized first, stretched after: the lookup then runs on the small images, all at once.
-        shrink(window(tile_rgb, local_x, local_y, side, WHITE), px, dst=images[i])
+        if one_step:
+            cv2.resize(pixels, (px, px), dst=images[i], interpolation=cv2.INTER_LINEAR)
+        else:
+            shrink(pixels, px, dst=images[i])
         # Nearest neighbour keeps label values whole: resizing the labels then comparing equals
         # comparing then resizing the mask.
-        cv2.resize(
-            window(labels, local_x, local_y, side, 0),
-            (px, px),
-            dst=own_labels[i],
-            interpolation=cv2.INTER_NEAREST,
-        )
+        cv2.resize(own, (px, px), dst=own_labels[i], interpolation=cv2.INTER_NEAREST)
     stretched = cv2.LUT(images.reshape(n * px, px, 3), table)
     if image_format == "jpeg":
         stretched = cv2.cvtColor(stretched, cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
@@ -286,9 +302,10 @@ def _crop_batch(
     values = np.array([int(cell["label"]) for cell in cells], dtype=own_labels.dtype)
     masks = (own_labels == values[:, None, None]).view(np.uint8)
     crops = []
+    jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     for i, cell in enumerate(cells):
         if image_format == "jpeg":
-            ok, data = cv2.imencode(".jpg", stretched[i], [cv2.IMWRITE_JPEG_QUALITY, quality])
+            ok, data = cv2.imencode(".jpg", stretched[i], jpeg_params)
             if not ok:
                 raise ValueError(f"JPEG encoding of {cell['cell_id']} failed")
             image = data.tobytes()
