@@ -54,3 +54,12 @@ def test_gate_metrics_report_the_false_positive_rate() -> None:
     metrics = gate_metrics(y, probability)
     assert metrics["recall"] == pytest.approx(0.75)
     assert metrics["false_positive_rate"] == pytest.approx(0.2)
+
+
+def test_a_slide_without_candidates_has_no_cells_even_without_rates() -> None:
+    counts = pd.DataFrame(
+        {"slide": ["a", "b"], "cell_type": ["mk", "mk"], "n_cells": [3, 0], "tissue_mm2": [1.0, 1.0]}
+    )
+    final_cells = pd.DataFrame({"slide": ["a"] * 5, "cell_type": ["mk"] * 5})
+    table = add_adjusted_counts(counts, final_cells, {"mk": (float("nan"), float("nan"))})
+    assert np.isnan(table["n_cells_adjusted"].iloc[0]) and table["n_cells_adjusted"].iloc[1] == 0.0

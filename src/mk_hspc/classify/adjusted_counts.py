@@ -58,6 +58,7 @@ def add_adjusted_counts(
     for cell_type, (tpr, fpr) in rates.items():
         rows = (table["cell_type"] == cell_type).to_numpy()
         adjusted[rows] = adjusted_count(table.loc[rows, "n_cells"], table.loc[rows, "n_candidates"], tpr, fpr)
+    adjusted[table["n_candidates"].to_numpy() == 0] = 0.0  # no candidates: no cells, whatever the rates
     table["n_cells_adjusted"] = np.round(adjusted, 1)
     area = table["tissue_mm2"].where(table["tissue_mm2"] > 0)
     table["density_adjusted_per_mm2"] = table["n_cells_adjusted"] / area

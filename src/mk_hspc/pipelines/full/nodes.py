@@ -94,7 +94,9 @@ def summarise_final_counts(
     value = "density_adjusted_per_mm2"
     if counts.loc[counts["tissue_mm2"] > 0, value].isna().any():
         logger.warning(
-            "some cell types have no adjusted counts (unknown model rates): comparing plain densities"
+            "some cell types have no adjusted counts (their model's run lacks false_positive_rate: a model "
+            "trained before adjusted counts existed; run `kedro run --pipelines train` again): comparing plain "
+            "densities"
         )
         value = "density_per_mm2"
     factors = results.slide_factors(slide_groups, slide_sheet)
