@@ -273,16 +273,22 @@ def challenge_misses(data: dict, p: HspcParams) -> dict:
     }
 
 
+def kept_and_matched(candidates: Candidates, truth: Truth) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the kept candidates, and which of them match a true nucleus one-to-one within the gate."""
+    index = np.flatnonzero(candidates.kept)
+    _, _, _, pairs = match_points(candidates.xy[index], truth.xy, truth.gate_px)
+    matched = np.zeros(len(index), bool)
+    matched[pairs[:, 0]] = True
+    return index, matched
+
+
 def score_bands(data: dict, p: HspcParams) -> dict:
     out = {}
     for key in ("bm_graz_1.0", "challenge"):
         counts = np.zeros((len(SCORE_BANDS) - 1, 2))
         for candidates, truth in data[key]:
             scores = default_score(candidates.features, p)
-            index = np.flatnonzero(candidates.kept)
-            _, _, _, pairs = match_points(candidates.xy[index], truth.xy, truth.gate_px)
-            matched = np.zeros(len(index), bool)
-            matched[pairs[:, 0]] = True
+            index, matched = kept_and_matched(candidates, truth)
             band = np.digitize(scores[index], SCORE_BANDS) - 1
             counts[:, 0] += np.bincount(band, minlength=len(counts))
             counts[:, 1] += np.bincount(band, weights=matched, minlength=len(counts))
@@ -304,10 +310,7 @@ def feature_quantiles(data: dict, p: HspcParams) -> dict:
     for key, tag in (("bm_graz_1.0", "bm_graz"), ("challenge", "challenge")):
         for candidates, truth in data[key]:
             scores = default_score(candidates.features, p)
-            index = np.flatnonzero(candidates.kept)
-            _, _, _, pairs = match_points(candidates.xy[index], truth.xy, truth.gate_px)
-            matched = np.zeros(len(index), bool)
-            matched[pairs[:, 0]] = True
+            index, matched = kept_and_matched(candidates, truth)
             low = scores[index] < p.min_score
             values = np.stack([candidates.features[n][index] for n in names], axis=1)
             for group, chosen in (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """A script of ``bench/`` imported as a module (``bench/`` is not a package), registered in
+    ``sys.modules`` under ``<name>_bench`` because its dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_project_copy(dest: Path) -> Path:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mk_hspc.models.evaluation import detection_scores, match_points, match_points_to_regions
+from tests.conftest import load_bench_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bm_graz.py"
 # Issue 8's must-show on the 7 BM_GRAZ images at their native scale, 16 px gate: recall first at the
 # default operating point, and F1 at the best min_score.
 MIN_DEFAULT_RECALL = 0.92
@@ -20,10 +19,7 @@ MIN_IMAGE_F1 = 0.83
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bm_graz_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bm_graz")
 
 
 # ---------------------------------------------------------------------------------------------- matching

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,18 +9,14 @@ import numpy as np
 import pytest
 
 from mk_hspc.models.evaluation import points_covered
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "real_tissue.py"
+from tests.conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_tissue_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_bench_script("real_tissue")
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(module.__name__, None)
 
 
 def test_points_covered_grows_the_mask_by_the_radius() -> None:
