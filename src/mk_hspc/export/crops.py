@@ -77,13 +77,9 @@ def histogram_percentile(counts: np.ndarray, pct: float) -> float:
     return float(lower + (rank - below) * (upper - lower))
 
 
-def stretch(rgb: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Map ``low..high`` to ``0..255`` per channel (clipped), as uint8."""
-    return cv2.LUT(rgb, stretch_table(low, high))
-
-
 def stretch_table(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """The per-channel lookup table of :func:`stretch`, ``(1, 256, 3)`` uint8 (computed once per tile)."""
+    """The per-channel lookup table that maps ``low..high`` to ``0..255`` (clipped), ``(1, 256, 3)`` uint8
+    (computed once per tile, applied with ``cv2.LUT``)."""
     values = np.arange(256, dtype=np.float32)[:, None]
     table = np.clip((values - low[None, :]) * (255.0 / (high - low)[None, :]), 0, 255)
     return np.round(table).astype(np.uint8)[None, :, :]
@@ -183,14 +179,6 @@ def shrink(image: np.ndarray, output_px: int, dst: np.ndarray | None = None) -> 
     return cv2.resize(image, (output_px, output_px), dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
-def window(image: np.ndarray, x0: int, y0: int, side: int, fill: int) -> np.ndarray:
-    """``image[y0:y0+side, x0:x0+side]``: a view when inside ``image``, else a padded copy (:func:`cut_padded`)."""
-    height, width = image.shape[:2]
-    if x0 >= 0 and y0 >= 0 and x0 + side <= width and y0 + side <= height:
-        return image[y0 : y0 + side, x0 : x0 + side]
-    return cut_padded(image, x0, y0, side, fill)
-
-
 def mask_outline(mask: np.ndarray) -> str:
     """Outline of the largest part of a uint8 0/1 mask, simplified, as SVG polygon points ``"x y x y ..."``.
 
@@ -273,7 +261,7 @@ def _crop_batch(
     n, px = len(cells), spec.output_px
     images = np.empty((n, px, px, 3), np.uint8)
     own_labels = np.empty((n, px, px), labels.dtype)
-    # crop_box and window inlined (the same arithmetic): ~3 us less per crop.
+    # crop_box inlined (the same arithmetic), one bounds check for pixels and labels: ~3 us less per crop.
     side = crop_box(0.0, 0.0, spec.crop_um, pixel_size_um)[2]
     half, (window_x, window_y), (height, width) = side / 2, window_xy, tile_rgb.shape[:2]
     # Below 2x, shrink is one bilinear resize (its integer area step needs side >= 2 * px).
