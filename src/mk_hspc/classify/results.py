@@ -46,11 +46,13 @@ def counts_figure(counts: pd.DataFrame) -> Figure:
     adjusted = "n_cells_adjusted" in counts.columns and counts["n_cells_adjusted"].notna().any()
     for col, cell_type in enumerate(cell_types):
         rows = counts[counts["cell_type"] == cell_type]
-        for row, (value, label) in enumerate(
-            (("n_cells", "cells per slide"), ("density_per_mm2", "cells / mm² tissue"))
+        for row, (value, headline, label) in enumerate(
+            (
+                ("n_cells", "n_cells_adjusted", "cells per slide"),
+                ("density_per_mm2", "density_adjusted_per_mm2", "cells / mm² tissue"),
+            )
         ):
             ax = axes[row][col]
-            headline = value.replace("_cells", "_cells_adjusted").replace("density_", "density_adjusted_")
             for i, group in enumerate(groups):
                 in_group = rows["group"] == group
                 jitter = i + rng.uniform(-0.12, 0.12, int(in_group.sum()))
