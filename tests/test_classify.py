@@ -23,6 +23,7 @@ from mk_hspc.classify.tracking import (
     log_training_run,
     resolve_store,
 )
+from mk_hspc.slide_sheet import validate_slide_sheet
 
 STAMP = "2026-11-30T06:00:00Z"
 RF = {
@@ -569,3 +570,56 @@ def test_feature_set_all_adds_every_extractor_of_the_tile_store(monkeypatch: pyt
     assert everything.index.tolist() == ids[:3] and asked == [("resnet50", ids[:3])]
     with pytest.raises(ValueError, match="feature_set"):
         nodes.candidate_features(cells, store, "sam2", ids)
+
+
+def test_kruskal_with_all_tied_values_gives_a_reason_not_a_silent_nan() -> None:
+    """Three groups whose slides all have the same density (e.g. no MK found anywhere): Mann-Whitney gives
+    p = 1 for the two-group case, but Kruskal-Wallis returns NaN (scipy: H undefined) and the row carries
+    the test name with an empty note, i.e. an unexplained NaN p-value. The docstring promises a NaN p only with
+    its reason."""
+    counts = pd.DataFrame(
+        {
+            "slide": [f"s{i}" for i in range(6)],
+            "group": list("AABBCC"),
+            "cell_type": ["mk"] * 6,
+            "density_per_mm2": [0.0] * 6,
+        }
+    )
+    two = results.group_comparison(counts[counts["group"] != "C"]).iloc[0]
+    assert two["p_value"] == pytest.approx(1.0)
+    row = results.group_comparison(counts).iloc[0]
+    assert np.isfinite(row["p_value"]) or row["note"], row.to_dict()
+
+
+def test_slide_sheet_factors_join_slides_the_way_the_sheet_is_validated() -> None:
+    """``validate_slide_sheet`` strips blanks around slide names and groups (a hand-written sheet), so
+    ``slide_groups`` has ``s1``; ``slide_factors`` merges the raw sheet (``' s1 '``), so the slide's sex is lost
+    (NaN) and it silently drops out of the sex comparison, and ``'F '`` / ``'F'`` become two levels."""
+    sheet = pd.DataFrame(
+        {
+            "slide": [" s1 ", "s2", "s3", "s4"],
+            "group": ["A", "A", "B", "B"],
+            "sex": ["F ", "F", "M", "M"],
+        }
+    )
+    groups = validate_slide_sheet(sheet, ["s1", "s2", "s3", "s4"], sheet_path="sheet.csv", strict=True)
+    factors = results.slide_factors(groups, sheet).set_index("slide")
+    assert factors.loc["s1", "sex"] == "F"
+    assert sorted(factors["sex"].unique()) == ["F", "M"]
+
+
+def test_ungrouped_slides_are_not_compared_as_a_group() -> None:
+    """With ``slide_sheet_strict: false`` slides without a group get the placeholder ``'ungrouped'``
+    (``slide_sheet.UNGROUPED``). The comparison then tests A vs B vs 'ungrouped' with Kruskal-Wallis instead
+    of A vs B with Mann-Whitney: a placeholder is treated as an experimental group."""
+    counts = pd.DataFrame(
+        {
+            "slide": [f"s{i}" for i in range(6)],
+            "group": ["A", "A", "B", "B", "ungrouped", "ungrouped"],
+            "cell_type": ["mk"] * 6,
+            "density_per_mm2": [10.0, 11.0, 30.0, 31.0, 20.0, 21.0],
+        }
+    )
+    row = results.group_comparison(counts).iloc[0]
+    assert "ungrouped" not in row["levels"].split(", "), row.to_dict()
+    assert row["test"] == "Mann-Whitney U"

@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from mk_hspc.slide_sheet import UNGROUPED  # noqa: E402
 from mk_hspc.tissue.maps import TissueMap  # noqa: E402
 
 
@@ -128,8 +129,11 @@ def slide_factors(slide_groups: pd.DataFrame, slide_sheet: pd.DataFrame | None) 
     if slide_sheet is None or "slide" not in slide_sheet.columns:
         return factors
     extra = [c for c in slide_sheet.columns if c not in ("slide", "group")]
-    sheet = slide_sheet.drop_duplicates("slide").astype(str)
-    return factors.merge(sheet[["slide", *extra]], on="slide", how="left")
+    # Stripped as validate_slide_sheet strips (a hand-written " s1 " is slide s1, "F " is level F); a blank
+    # cell is no level at all.
+    sheet = slide_sheet[["slide", *extra]].astype(str).apply(lambda column: column.str.strip())
+    sheet = sheet.replace({"": np.nan, "nan": np.nan}).drop_duplicates("slide")
+    return factors.merge(sheet, on="slide", how="left")
 
 
 def group_comparison(
@@ -157,7 +161,10 @@ def group_comparison(
 
 
 def _compare(table: pd.DataFrame, factor: str, cell_type: str, value: str) -> dict[str, Any]:
-    samples = {str(g): t[value].dropna().to_numpy(float) for g, t in table.groupby(factor)}
+    # Slides without a level (no group in a non-strict sheet, a blank factor cell) are not a group of their own.
+    without = table[factor].isna() | (table[factor].astype(str) == UNGROUPED)
+    left_out = int(table.loc[without, "slide"].nunique())
+    samples = {str(g): t[value].dropna().to_numpy(float) for g, t in table[~without].groupby(factor)}
     n_by_level = {g: len(v) for g, v in samples.items()}
     medians = {g: float(np.median(v)) if len(v) else float("nan") for g, v in samples.items()}
     record = {
@@ -168,24 +175,29 @@ def _compare(table: pd.DataFrame, factor: str, cell_type: str, value: str) -> di
         "n_per_level": ", ".join(f"{g}: {n}" for g, n in n_by_level.items()),
         "median_per_level": ", ".join(f"{g}: {m:.1f}" for g, m in medians.items()),
     }
+    notes = [f"{left_out} slide(s) without a {factor} left out"] if left_out else []
     if len(samples) < 2 or min(n_by_level.values()) < 2:
         return record | {
             "test": "none",
             "statistic": np.nan,
             "p_value": np.nan,
-            "note": "needs >= 2 levels with >= 2 slides each",
+            "note": "; ".join(["needs >= 2 levels with >= 2 slides each", *notes]),
         }
+    test = "Mann-Whitney U" if len(samples) == 2 else "Kruskal-Wallis H"
+    if len(samples) > 2 and len(np.unique(np.concatenate(list(samples.values())))) == 1:
+        # Every slide has the same value (e.g. no cell anywhere): nothing differs. Kruskal-Wallis' H is 0/0
+        # there (scipy: NaN); Mann-Whitney gives p = 1 for two such groups, so p = 1 here too, with the reason.
+        tied = "; ".join(["all values tied", *notes])
+        return record | {"test": test, "statistic": np.nan, "p_value": 1.0, "note": tied}
     if len(samples) == 2:
         result = stats.mannwhitneyu(*samples.values(), alternative="two-sided")
-        test = "Mann-Whitney U"
     else:
         result = stats.kruskal(*samples.values())
-        test = "Kruskal-Wallis H"
     return record | {
         "test": test,
         "statistic": float(result.statistic),
         "p_value": float(result.pvalue),
-        "note": "",
+        "note": "; ".join(notes),
     }
 
 

@@ -48,6 +48,10 @@ def forbid_pickle() -> None:
 forbid_pickle()
 
 
+# The run parameter holding the tile store's ``params_hash`` of the training features.
+SEGMENTATION_PARAM = "segmentation_params_hash"
+
+
 class ModelNotValidatedError(RuntimeError):
     """No model passed its validation gates (or the registered one cannot be trusted)."""
 
@@ -194,6 +198,42 @@ class LoadedModel:
     # held-out (out-of-fold) rates of its training run at the decision threshold: the adjusted counts' inputs
     recall: float = float("nan")
     false_positive_rate: float = float("nan")
+    # what the gates judged: the decision threshold, and the segmentation (tile store ``params_hash``) that
+    # made the training features; None for a run that did not record it
+    decision_threshold: float | None = None
+    segmentation_params_hash: str | None = None
+
+    def check_applicable(self, decision_threshold: float, segmentation_params_hash: str) -> None:
+        """Refuse to apply the model where its validation does not hold.
+
+        Its gates, recall and false-positive rate were measured at its training run's decision threshold on
+        features of one segmentation (plugins, parameters, code): another threshold is a working point no
+        gate judged, and other segmentation parameters give other candidates and feature values under the
+        same column names.
+
+        Raises:
+            ModelNotValidatedError: naming both values and what to do.
+        """
+        where = f"{self.registered_model} version {self.version} (MLflow run {self.run_id})"
+        if self.decision_threshold is None or self.segmentation_params_hash is None:
+            raise ModelNotValidatedError(
+                f"{where} does not record the decision threshold and the segmentation it was validated with "
+                "(trained by an older version); run `kedro run --pipelines train` again"
+            )
+        if abs(float(decision_threshold) - self.decision_threshold) > 1e-9:
+            raise ModelNotValidatedError(
+                f"{where} passed its gates at decision threshold {self.decision_threshold:g}, but "
+                f"train.decision_threshold is {float(decision_threshold):g}: no gate judged that working "
+                f"point (and the adjusted counts use the rates at {self.decision_threshold:g}); set it back "
+                "or retrain at the new threshold"
+            )
+        if segmentation_params_hash != self.segmentation_params_hash:
+            raise ModelNotValidatedError(
+                f"{where} was trained on features of segmentation {self.segmentation_params_hash}, but the "
+                f"tiles to classify were segmented with other parameters or code ({segmentation_params_hash}); "
+                "label and train on candidates of the current segmentation (`kedro run`, then "
+                "`--pipelines train`) or restore its parameters"
+            )
 
 
 def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
@@ -259,4 +299,8 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
         sha,
         recall=float(run.data.metrics.get("recall", float("nan"))),
         false_positive_rate=float(run.data.metrics.get("false_positive_rate", float("nan"))),
+        decision_threshold=(
+            float(run.data.params["decision_threshold"]) if "decision_threshold" in run.data.params else None
+        ),
+        segmentation_params_hash=run.data.params.get(SEGMENTATION_PARAM),
     )

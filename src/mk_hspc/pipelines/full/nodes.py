@@ -33,7 +33,8 @@ def apply_validated_models(
     """Every candidate with ``probability`` (P(yes) from its type's validated model) and ``is_cell``.
 
     Raises:
-        ModelNotValidatedError: a cell type has no registered model that passed its gates.
+        ModelNotValidatedError: a cell type has no registered model that passed its gates, or its gates were
+            judged at another decision threshold or on features of another segmentation.
     """
     store = resolve_store(train["mlflow"])
     threshold = float(train["decision_threshold"])
@@ -41,6 +42,7 @@ def apply_validated_models(
     for classifier in train["classifiers"].values():
         cell_type = classifier["cell_type"]
         loaded = load_validated_model(store, classifier["registered_model"])
+        loaded.check_applicable(threshold, full_tile_store.params_hash)
         cells = full_cells[full_cells["cell_type"] == cell_type]
         feature_set = (
             "all" if any(not c.startswith("morphology_") for c in loaded.feature_names) else "morphology"
@@ -72,6 +74,7 @@ def model_rates(final_cells: pd.DataFrame) -> dict[str, tuple[float, float]]:
 def summarise_final_counts(
     final_cells: pd.DataFrame,
     full_tile_sample: pd.DataFrame,
+    full_tile_store: TileStore,
     slide_meta: dict[str, dict[str, Any]],
     slide_groups: pd.DataFrame,
     slide_sheet: pd.DataFrame | None,
@@ -84,11 +87,16 @@ def summarise_final_counts(
     Each slide gets the accepted cells (``n_cells``, ``density_per_mm2``) and the count corrected for the
     validated model's held-out recall and false-positive rate (``n_cells_adjusted``,
     ``density_adjusted_per_mm2``; see ``classify.adjusted_counts``), the best estimate of the true number; the
-    group comparison tests the adjusted densities when every type has them.
+    group comparison tests the adjusted densities when every type has them. Tiles that failed to segment
+    (``skip_bad_slides``) have no cells in ``final_cells``, so their tissue is left out of the densities too
+    (``n_failed_tiles`` says how many per slide).
     """
     cell_types = sorted(c["cell_type"] for c in train["classifiers"].values())
     accepted = final_cells[final_cells["is_cell"].astype(bool)]
-    counts = count_cells(accepted, full_tile_sample, slide_meta, slide_groups, cell_types)
+    counts = count_cells(
+        accepted, full_tile_sample, slide_meta, slide_groups, cell_types,
+        failed_tiles=full_tile_store.failed_tiles,
+    )  # fmt: skip
     counts = counts.rename(columns={"sampled_tissue_mm2": "tissue_mm2"})
     counts = add_adjusted_counts(counts, final_cells, model_rates(final_cells))
     value = "density_adjusted_per_mm2"

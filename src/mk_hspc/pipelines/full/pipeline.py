@@ -34,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "final_cells",
                     "full_tile_sample",
+                    "full_tile_store",
                     "slide_meta",
                     "slide_groups",
                     "slide_sheet",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from mk_hspc.classify import active, training
 from mk_hspc.classify.labels import build_training_set, feature_columns, labels_table
-from mk_hspc.classify.tracking import log_training_run, resolve_store
+from mk_hspc.classify.tracking import SEGMENTATION_PARAM, log_training_run, resolve_store
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.cells_table import load_features
 
@@ -58,6 +58,8 @@ def make_training_set(
     features = candidate_features(cells, tile_store, train["feature_set"], own)
     training_set, summary = build_training_set(labels, cells, cell_type, features)
     summary["feature_set"] = train["feature_set"]
+    # The segmentation that made these candidates and features: the full run refuses the model elsewhere.
+    summary[SEGMENTATION_PARAM] = tile_store.params_hash
     logger.info(
         "%s training set: %d cells (%d yes, %d no) from %d slides; left out: %d unsure, %d conflicting",
         cell_type, summary["n_training"], summary["n_yes"], summary["n_no"], summary["n_slides"],
@@ -124,6 +126,7 @@ def train_classifier(
         "decision_threshold": train["decision_threshold"],
         **{f"gate.{k}": v for k, v in train["gates"].items()},
         "n_features": training_summary["n_features"],
+        SEGMENTATION_PARAM: training_summary.get(SEGMENTATION_PARAM, ""),
     }
     counts = {
         k: training_summary[k]
