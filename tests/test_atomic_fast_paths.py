@@ -87,7 +87,7 @@ def test_replaced_folder_is_removed_in_the_background(tmp_path: Path) -> None:
         release.set()
         atomic_io.remove_path = real_remove
     wait_for_background_removals()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.save.lock", "site", "site.manifest.json"]
     assert output.load().root == tmp_path / "site"
 
 
@@ -142,7 +142,12 @@ def test_replaced_site_is_kept_and_overwritten_by_the_next_save(tmp_path: Path) 
         assert (final / name).stat().st_ino == inodes[name]  # overwritten in place, not created anew
     assert (spare / "x.txt").read_bytes() == b"second"  # the second site waits to be reused in turn
     assert output.load().root == final  # the manifest's digest matches what the reused folder holds
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.spare", "site", "site.manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".site.save.lock",
+        ".site.spare",
+        "site",
+        "site.manifest.json",
+    ]
 
 
 def test_a_failed_save_over_the_spare_keeps_the_published_site(tmp_path: Path) -> None:
@@ -163,7 +168,11 @@ def test_a_failed_save_over_the_spare_keeps_the_published_site(tmp_path: Path) -
     with pytest.raises(DatasetError, match="render failed"):
         output.save(SiteContent(tiles=[], render=fail))
     assert (final / "x.txt").read_bytes() == b"second" and output.load().root == final
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]  # spare spent
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".site.save.lock",
+        "site",
+        "site.manifest.json",
+    ]  # spare spent
     output.save(_site({"x.txt": b"third"}))
     assert (final / "x.txt").read_bytes() == b"third" and output.load().root == final
 
@@ -216,4 +225,4 @@ def test_a_spare_is_dropped_once_reuse_is_turned_off(tmp_path: Path) -> None:
         AtomicDataset(site, str(final), reuse_replaced=True).save(_site({"x.txt": b"x"}))
     assert atomic_io.spare_sibling(final).is_dir()
     AtomicDataset(site, str(final)).save(_site({"x.txt": b"y"}))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".site.save.lock", "site", "site.manifest.json"]

@@ -34,7 +34,12 @@ def test_roundtrip_writes_a_manifest_and_no_temporary_file(tmp_path: Path) -> No
     dataset.save(table(10))
     pd.testing.assert_frame_equal(dataset.load(), table(10))
     assert dataset.verified_manifest()["lineage"] == {"tile_sample": "abc"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.parquet", "cells.parquet.manifest.json"]
+    # Beside the output: its manifest and the (empty) lock that keeps two saves of it from overlapping.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".cells.parquet.save.lock",
+        "cells.parquet",
+        "cells.parquet.manifest.json",
+    ]
 
 
 def test_a_cut_off_csv_is_refused_not_read_as_a_shorter_table(tmp_path: Path) -> None:
@@ -62,7 +67,7 @@ def test_a_failed_write_keeps_the_previous_output(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="cells.parquet|object"):
         dataset.save(unwritable)
     pd.testing.assert_frame_equal(AtomicDataset("pandas.ParquetDataset", dataset._filepath).load(), table(10))
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".cells.parquet.save.lock"]
 
 
 def test_a_folder_output_is_replaced_whole(tmp_path: Path) -> None:
@@ -120,7 +125,7 @@ def test_a_full_disk_during_a_write_keeps_the_previous_table(tmp_path: Path) -> 
     assert result.returncode == 1, result.stderr  # a Python error, not a crash
     assert "File too large" in result.stderr or "Errno 27" in result.stderr
     pd.testing.assert_frame_equal(AtomicDataset("pandas.ParquetDataset", str(path)).load(), table(10))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".cells.parquet.save.lock"]
 
 
 def test_inputs_built_from_another_version_of_a_sibling_input_are_refused() -> None:

@@ -9,7 +9,8 @@ them in :class:`AtomicDataset` gives every output the same guarantees, without t
 - a manifest ``<name>.manifest.json`` beside it records the content digest and the output's lineage (the
   digests of the inputs it was built from, filled in by ``mk_hspc.hooks.ProvenanceHooks``);
 - a load (and ``exists``) checks the content against the manifest: an output that was cut off, edited or
-  replaced outside a run, or whose manifest is missing, is refused with a message naming the file.
+  replaced outside a run, or whose manifest is missing, is refused with a message naming the file;
+- saves of one output never overlap (a lock file beside it): the later one waits, then replaces it whole.
 
 Why not a library: fsspec and kedro-datasets write in place; no Kedro plugin provides atomic saves.
 """
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from kedro.io import AbstractDataset, DatasetError
 from kedro.io.core import parse_dataset_definition
 
@@ -39,6 +41,14 @@ from mk_hspc.atomic_io import (
     write_json_atomic,
 )
 from mk_hspc.failpoints import failpoint
+
+SAVE_LOCK_TIMEOUT_S = 600
+
+
+def save_lock_path(final: Path) -> Path:
+    """The lock a save of ``final`` holds (hidden, beside it; never a leftover to clean up)."""
+    return final.with_name(f".{final.name}.save.lock")
+
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -199,6 +209,25 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
     def save(self, data: Any) -> None:
         final = self._filepath
         final.parent.mkdir(parents=True, exist_ok=True)
+        # One save of an output at a time, across threads and processes (the annotate server's export beside
+        # `kedro annotate export` or a run, which hold no common lock): a second save's cleanup of leftovers
+        # would delete the first one's temporary sibling. A new lock object per call: its own descriptor, so
+        # threads of one process exclude each other too. The later save waits, then wins.
+        lock = FileLock(save_lock_path(final), timeout=SAVE_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise DatasetError(
+                f"{final} is being written by another save for over {SAVE_LOCK_TIMEOUT_S} s "
+                f"(lock {save_lock_path(final)}); try again when it has finished"
+            ) from None
+        try:
+            self._save_locked(data)
+        finally:
+            lock.release()
+
+    def _save_locked(self, data: Any) -> None:
+        final = self._filepath
         remove_leftovers(final)
         tmp = temporary_sibling(final)
         try:
