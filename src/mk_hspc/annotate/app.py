@@ -7,7 +7,8 @@ Routes (all under the site root):
 - ``GET /api/labels?annotator=A``: that annotator's current labels ``{cell_id: label}``.
 - ``POST /api/labels``: ``{"annotator": A, "events": [{"event_id", "cell_id", "label", "time"}]}``; stored and
   committed (fsync) before the reply ``{"acked": [event ids]}``; a retried event id is acknowledged again and
-  stored once. A malformed body, an unknown cell or label, or a body over ``max_body_bytes`` is refused
+  stored once, and an id already stored (or repeated in the request) with another cell or label is refused
+  (409 / 422), so an acknowledgement always means the label is stored. A malformed body, an unknown cell or label, or a body over ``max_body_bytes`` is refused
   with a 4xx naming the problem, and nothing of it is stored.
 - ``GET /api/progress``: labelled / total per slide and cell type (any annotator).
 - ``POST /api/import``: a labels file or a Label Studio JSON export (``mk_hspc.labels.contract``).
@@ -40,10 +41,11 @@ from mk_hspc.labels.contract import (
     LabelFileError,
     check_annotator,
     check_label,
+    content_event_id,
     iso_utc,
     parse_label_file,
 )
-from mk_hspc.labels.store import LabelStore
+from mk_hspc.labels.store import EventConflictError, LabelStore
 
 MAX_EVENTS_PER_REQUEST = 500
 MAX_EVENT_ID_CHARS = 100
@@ -64,15 +66,20 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=SECURITY_HEADERS)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    # JSON only: a cross-site page can send a "simple" text/plain POST to a local server without asking,
-    # but not an application/json one (the browser's CORS preflight gets no permission here).
+def _check_post(request: Request) -> None:
+    """Every POST: JSON only, and from this site. A cross-site page can send a "simple" text/plain POST to
+    a local server without asking, but not an application/json one (the browser's CORS preflight gets no
+    permission here); a foreign ``Origin`` is refused outright."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise RequestError(415, "send the body as Content-Type: application/json")
     origin = request.headers.get("origin")
     if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
         raise RequestError(403, f"requests from other sites ({origin[:100]}) are refused")
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    _check_post(request)
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise RequestError(413, f"request body over {limit} bytes")
@@ -85,6 +92,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError(400, "request body is nested too deeply") from None
 
 
 def parse_label_request(body: Any, known_cells: dict[str, Any]) -> list[LabelEvent]:
@@ -98,6 +107,7 @@ def parse_label_request(body: Any, known_cells: dict[str, Any]) -> list[LabelEve
     if len(body["events"]) > MAX_EVENTS_PER_REQUEST:
         raise RequestError(413, f"at most {MAX_EVENTS_PER_REQUEST} events per request")
     events = []
+    seen: dict[str, tuple[str, Any]] = {}
     for index, event in enumerate(body["events"]):
         where = f"events[{index}]"
         if not isinstance(event, dict):
@@ -112,8 +122,18 @@ def parse_label_request(body: Any, known_cells: dict[str, Any]) -> list[LabelEve
             updated_at = iso_utc(event.get("time")) if event.get("time") is not None else iso_utc()
         except LabelFileError as exc:
             raise RequestError(422, str(exc)) from None
-        events.append(LabelEvent(f"{annotator}:{event_id}", cell_id, label, annotator, updated_at))
+        if seen.setdefault(event_id, (cell_id, label)) != (cell_id, label):
+            raise RequestError(
+                422, f"{where}.event_id {event_id!r} is used twice in this request for other labels"
+            )
+        events.append(LabelEvent(page_event_id(annotator, event_id), cell_id, label, annotator, updated_at))
     return events
+
+
+def page_event_id(annotator: str, client_event_id: str) -> str:
+    """The stored id of a page click: the annotator and the page's own id, unambiguous whatever they hold
+    (``annotator:id`` made ``a`` + ``b:c`` and ``a:b`` + ``c`` one event)."""
+    return content_event_id("page", annotator, client_event_id)
 
 
 def resolve_site_file(root: Path, path: str) -> Path | None:
@@ -172,11 +192,18 @@ def create_app(
 
     async def post_labels(request: Request) -> Response:
         try:
-            events = parse_label_request(await _read_json(request, max_body_bytes), known)
+            body = await _read_json(request, max_body_bytes)
+            events = parse_label_request(body, known)
         except RequestError as exc:
             return _error(exc.status, str(exc))
-        result = await run_in_threadpool(store.record, events, source="page")
-        return JSONResponse({"acked": [e.event_id.split(":", 1)[1] for e in events], **result})
+        try:
+            result = await run_in_threadpool(store.record, events, source="page")
+        except EventConflictError as exc:
+            return _error(409, str(exc))
+        # The page's own ids, as sent: it drops from its queue exactly the ids it finds here.
+        return JSONResponse(
+            {"acked": list(dict.fromkeys(event["event_id"] for event in body["events"])), **result}
+        )
 
     async def progress(request: Request) -> Response:
         rows = await run_in_threadpool(store.latest)
@@ -213,10 +240,17 @@ def create_app(
         unknown = sorted({e.cell_id for e in events} - set(known))
         if unknown:
             return _error(422, f"{len(unknown)} cell id(s) are not cells of this site, e.g. {unknown[:3]}")
-        result = await run_in_threadpool(store.record, events, source="import")
+        try:
+            result = await run_in_threadpool(store.record, events, source="import")
+        except EventConflictError as exc:
+            return _error(409, str(exc))
         return JSONResponse({"events": len(events), **result})
 
     async def export_labels(request: Request) -> Response:
+        try:
+            _check_post(request)
+        except RequestError as exc:
+            return _error(exc.status, str(exc))
         if save_labels is None:
             return _error(404, "this server was started without a labels dataset")
         payload = await run_in_threadpool(store.payload)

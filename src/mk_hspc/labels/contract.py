@@ -13,6 +13,7 @@ writes.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -67,7 +68,12 @@ def iso_utc(value: str | datetime | None = None) -> str:
             raise LabelFileError(f"timestamp {value!r} is not ISO-8601") from None
     if moment.tzinfo is None:
         raise LabelFileError(f"timestamp {value!r} has no time zone (write it in UTC, ending in Z)")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise LabelFileError(f"timestamp {value!r} is outside the years 1-9999 in UTC") from None
+    # The year zero-padded by hand: strftime's %Y writes 999, not 0999, which would sort after 2026.
+    return f"{moment.year:04d}" + moment.strftime("-%m-%dT%H:%M:%S.%fZ")
 
 
 def check_label(label: Any, where: str) -> str:
@@ -130,13 +136,35 @@ def _parse_contract(document: dict[str, Any], source: str) -> list[LabelEvent]:
         cell_id = _cell_id(entry["cell_id"], where)
         label = check_label(entry["label"], where)
         annotator = check_annotator(entry["annotator"], where)
-        updated_at = iso_utc(entry["updated_at"])
+        updated_at = _given_time(entry["updated_at"], f"{where}.updated_at")
         events.append(
             LabelEvent(
-                f"file:{cell_id}:{annotator}:{updated_at}:{label}", cell_id, label, annotator, updated_at
+                content_event_id("file", cell_id, annotator, updated_at, label),
+                cell_id,
+                label,
+                annotator,
+                updated_at,
             )
         )
     return events
+
+
+def content_event_id(kind: str, *content: str) -> str:
+    """An event id made of its content, unambiguous whatever the parts hold (a JSON list, not ``a:b:c``)."""
+    return f"{kind}:{json.dumps(list(content), ensure_ascii=False, separators=(',', ':'))}"
+
+
+def _given_time(value: Any, where: str) -> str:
+    """An imported label's own time, required: "now" would let an old label beat newer ones (and make every
+    re-import of the file a new event)."""
+    if not isinstance(value, str) or not value:
+        raise LabelFileError(
+            f"{where}: a label needs the time it was given (an ISO-8601 string), got {value!r}"
+        )
+    try:
+        return iso_utc(value)
+    except LabelFileError as exc:
+        raise LabelFileError(f"{where}: {exc}") from None
 
 
 def _cell_id(value: Any, where: str) -> str:
@@ -153,16 +181,14 @@ def _parse_label_studio(tasks: list[Any], source: str) -> list[LabelEvent]:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise LabelFileError(f"{where} is not a Label Studio task (no 'data')")
         cell_id = _cell_id(task["data"].get("cell_id"), where + ".data")
-        for number, annotation in enumerate(task.get("annotations") or []):
+        annotations = task.get("annotations") or []
+        if not isinstance(annotations, list):
+            raise LabelFileError(f"{where}.annotations must be a list")
+        for number, annotation in enumerate(annotations):
             at = f"{where}.annotations[{number}]"
             if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
                 continue
-            choices = [
-                choice
-                for result in annotation.get("result") or []
-                if isinstance(result, dict) and result.get("type") == "choices"
-                for choice in (result.get("value") or {}).get("choices") or []
-            ]
+            choices = _choices(annotation, at)
             if not choices:
                 continue
             if len(choices) > 1 or choices[0] not in LABEL_STUDIO_CHOICES:
@@ -173,11 +199,39 @@ def _parse_label_studio(tasks: list[Any], source: str) -> list[LabelEvent]:
             if isinstance(user, dict):
                 user = user.get("email") or user.get("id")
             annotator = check_annotator(f"labelstudio:{user}", at)
-            updated_at = iso_utc(annotation.get("updated_at") or annotation.get("created_at"))
+            updated_at = _given_time(
+                annotation.get("updated_at") or annotation.get("created_at"), f"{at}.updated_at"
+            )
             label = LABEL_STUDIO_CHOICES[choices[0]]
             events.append(
                 LabelEvent(
-                    f"ls:{cell_id}:{annotator}:{updated_at}:{label}", cell_id, label, annotator, updated_at
+                    content_event_id("ls", cell_id, annotator, updated_at, label),
+                    cell_id,
+                    label,
+                    annotator,
+                    updated_at,
                 )
             )
     return events
+
+
+def _choices(annotation: dict[str, Any], at: str) -> list[Any]:
+    """The chosen values of an annotation's ``choices`` results (checked shapes: a clear error, not a crash)."""
+    results = annotation.get("result") or []
+    if not isinstance(results, list):
+        raise LabelFileError(f"{at}.result must be a list")
+    chosen: list[Any] = []
+    for index, result in enumerate(results):
+        if not isinstance(result, dict) or result.get("type") != "choices":
+            continue
+        value = result.get("value") or {}
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if not isinstance(value, dict) or not isinstance(choices or [], list):
+            raise LabelFileError(
+                f"{at}.result[{index}].value must be {{'choices': [...]}}, got {value!r:.80}"
+            )
+        for choice in choices or []:
+            if not isinstance(choice, str):
+                raise LabelFileError(f"{at}.result[{index}]: choice {choice!r:.80} is not a string")
+            chosen.append(choice)
+    return chosen

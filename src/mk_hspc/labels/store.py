@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS latest (
 """
 
 
+class EventConflictError(ValueError):
+    """An event id already stored with other content (cell, label or annotator): a client bug or a reused id.
+
+    Acknowledging it would claim a label was stored that is not; the whole request is refused instead.
+    """
+
+
 class LabelStore:
     """Thread-safe SQLite label store (one connection, serialised by a lock).
 
@@ -63,6 +70,10 @@ class LabelStore:
 
         Returns:
             ``{"added": n, "duplicates": m}``.
+
+        Raises:
+            EventConflictError: an event id is already stored for another cell, label or annotator; nothing
+                of this call is stored.
         """
         now = iso_utc()
         added = duplicates = 0
@@ -86,7 +97,16 @@ class LabelStore:
                         ),
                     )
                     if cursor.rowcount == 0:
-                        duplicates += 1
+                        stored = self._db.execute(
+                            "SELECT cell_id, label, annotator FROM events WHERE event_id = ?",
+                            (event.event_id,),
+                        ).fetchone()
+                        if tuple(stored) != (event.cell_id, event.label, event.annotator):
+                            raise EventConflictError(
+                                f"event id {event.event_id[:120]!r} is already stored for {stored[0]} = "
+                                f"{stored[1]} by {stored[2]}; a new label needs a new event id"
+                            )
+                        duplicates += 1  # a retry of a stored event: acknowledged again, stored once
                         continue
                     added += 1
                     self._db.execute(

@@ -88,6 +88,16 @@
     if (i >= 0 && i < figures.length) { focus(i); }
   }
 
+  // The stored queue (other tabs of the site add to it) and this page's own, by event id: an event that
+  // could not be stored (browser storage full) is kept from memory, never dropped.
+  function mergedQueue() {
+    var seen = {}, merged = [];
+    load(KEY_QUEUE, []).concat(queue).forEach(function (e) {
+      if (!seen[e.event_id]) { seen[e.event_id] = true; merged.push(e); }
+    });
+    return merged;
+  }
+
   function flush() {
     if (sending || !queue.length || !serverUp) { update(); return; }
     sending = true;
@@ -105,14 +115,14 @@
         if (reply.status === 200) {
           var acked = {};
           reply.data.acked.forEach(function (id) { acked[id] = true; });
-          queue = load(KEY_QUEUE, []).filter(function (e) { return !acked[e.event_id]; });
+          queue = mergedQueue().filter(function (e) { return !acked[e.event_id]; });
           if (!queue.length) { batchLimit = 200; }
         } else if (batch.length > 1) {
           // A request is refused whole: resend one event at a time so that only the bad one is dropped.
           batchLimit = 1;
         } else {
           // Refused for good (e.g. a cell not in this export): keep the label locally, stop resending it.
-          queue = load(KEY_QUEUE, []).filter(function (e) { return e.event_id !== batch[0].event_id; });
+          queue = mergedQueue().filter(function (e) { return e.event_id !== batch[0].event_id; });
           // Stays shown until the page is reloaded: a label the server refused must not go unnoticed.
           lastError = "a label was refused: " + (reply.data.error || ("server said " + reply.status));
         }

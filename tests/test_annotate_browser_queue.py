@@ -1,0 +1,84 @@
+"""Adversarial review repro in a real browser (Playwright + /usr/bin/chromium): app.js queue handling."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+if not Path("/usr/bin/chromium").exists():
+    pytest.skip("no chromium", allow_module_level=True)
+
+import uvicorn  # noqa: E402
+
+from mk_hspc.annotate.app import create_app  # noqa: E402
+from mk_hspc.datasets.annotation import AnnotationSite  # noqa: E402
+from mk_hspc.labels.store import LabelStore  # noqa: E402
+
+A = "S1_s0_r000_c000_mk_00001"
+B = "S1_s0_r000_c000_mk_00002"
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "mk_hspc" / "export" / "assets"
+PAGE = (
+    '<!doctype html><html><head><meta charset=utf-8></head><body data-root="">'
+    "<span id=progress></span><span id=save-state></span><input type=checkbox id=only-unlabelled>"
+    "<input type=checkbox id=show-outlines checked><input id=annotator><button id=download>d</button>"
+    f'<main><figure class=cell data-cell="{A}"></figure><figure class=cell data-cell="{B}"></figure></main>'
+    '<script src="assets/app.js"></script></body></html>'
+)
+
+
+def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    (root / "assets").mkdir(parents=True)
+    shutil.copy(ASSETS / "app.js", root / "assets" / "app.js")
+    (root / "page.html").write_text(PAGE)
+    store = LabelStore(tmp_path / "labels.sqlite3")
+    record = store.record
+
+    def slow_record(events, *, source):  # a slow disk or network: the reply comes after the next click
+        time.sleep(1.0)
+        return record(events, source=source)
+
+    store.record = slow_record  # type: ignore[method-assign]
+    site = AnnotationSite(root, {A: ("S1", "mk", "page.html"), B: ("S1", "mk", "page.html")})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(site, store, default_annotator="alice"), port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+            page = browser.new_page()
+            # localStorage quota reached: every setItem throws (as a full 5 MB origin does).
+            page.add_init_script(
+                "const set = Storage.prototype.setItem; Storage.prototype.setItem = function (k, v) {"
+                " if (window.__full) { throw new DOMException('quota', 'QuotaExceededError'); }"
+                " return set.call(this, k, v); };"
+            )
+
+            page.goto(f"http://127.0.0.1:{port}/page.html")
+            page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+            page.evaluate("window.__full = true")
+            page.click(f'figure[data-cell="{A}"] button[value=yes]')
+            page.wait_for_timeout(200)
+            page.click(f'figure[data-cell="{B}"] button[value=no]')
+            page.wait_for_timeout(4000)
+            browser.close()
+        labels = {row["cell_id"]: row["label"] for row in store.latest("alice")}
+        # Today: {A: "yes"} only. On A's ack, flush() reloads the queue from localStorage (where B's event
+        # could not be stored) and so drops B's event from memory: B is never sent, though shown labelled.
+        assert labels == {A: "yes", B: "no"}
+    finally:
+        server.should_exit = True
+        thread.join(5)
