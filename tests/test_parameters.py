@@ -277,3 +277,21 @@ def test_learned_plugin_values_of_the_wrong_type_are_refused_by_their_type_hints
         p.startswith("segmentation.features.resnet50.params.batch_size: ") and "6.5" in p for p in problems
     ), problems
     assert len(problems) == 2
+
+
+def test_an_infinite_size_is_refused_naming_its_key() -> None:
+    """`.inf` passed the schema and failed later in make_tile_index with an OverflowError naming no key, after
+    earlier ingestion nodes had rewritten their outputs."""
+    import copy
+
+    from kedro.config import OmegaConfigLoader
+
+    from mk_hspc.params_schema import ParameterError, validate_parameters
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    params = copy.deepcopy(
+        OmegaConfigLoader(str(conf), base_env="base", default_run_env="base")["parameters"]
+    )
+    params["ingestion"]["tiles"]["largest_cell_um"] = float("inf")  # YAML .inf
+    with pytest.raises(ParameterError, match=r"ingestion\.tiles\.largest_cell_um"):
+        validate_parameters(params)

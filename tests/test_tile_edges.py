@@ -47,7 +47,7 @@ def cells_found(rgb: np.ndarray, tiles: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-HEIGHT, WIDTH, TILE_PX = 300, 680, 400
+HEIGHT, WIDTH, TILE_PX = 300, 678, 400  # two tiles: the overlap is 60 µm + 2 px = 122 px
 
 
 def shape_mask(kind: str, centre_x: float) -> np.ndarray:
@@ -97,3 +97,26 @@ def test_a_cell_wider_than_the_overlap_is_never_lost_and_is_flagged(offset_px: i
     cells = cells_found(rgb, tiles)
 
     assert len(cells) >= 1 and cells["wider_than_overlap"].all()
+
+
+@pytest.mark.parametrize("side", ["last column of tile 0's core", "first column of tile 1's core"])
+def test_a_cell_exactly_as_wide_as_largest_cell_um_is_kept_once_at_a_tile_edge(side: str) -> None:
+    """A 60 µm disk (``largest_cell_um``, 120 px) centred on either side of a core boundary. With an overlap of
+    exactly 120 px, the disk on the last column of tile 0's core ended on tile 0's window edge: tile 0 took it
+    for a cut cell, tile 1 did not own it, and the cell was lost."""
+    tiles = tiles_of(HEIGHT, WIDTH, TILE_PX)
+    assert len(tiles) == 2
+    boundary_x = int(tiles["core_x"].max())  # where tile 1's core begins
+    largest_px = round(default_ingestion_params(TILE_PX)["tiles"]["largest_cell_um"] / PIXEL_SIZE_UM)
+    rows, cols = np.ogrid[:HEIGHT, :WIDTH]
+    centre_x = boundary_x - 0.5 if side.startswith("last") else boundary_x + 0.5
+    disk = (rows - HEIGHT / 2) ** 2 + (cols - centre_x) ** 2 <= (largest_px / 2) ** 2
+    xs = np.flatnonzero(disk.any(axis=0))
+    assert xs.max() - xs.min() + 1 == largest_px  # bounding box exactly as wide as largest_cell_um
+    rgb = np.full((HEIGHT, WIDTH, 3), 230, np.uint8)
+    rgb[disk] = (60, 30, 90)
+
+    cells = cells_found(rgb, tiles)
+
+    assert len(cells) == 1, f"{len(cells)} cells kept"
+    assert cells["area_px"].iloc[0] == disk.sum()  # whole

@@ -17,8 +17,8 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from mk_hspc.tissue.detect import MAX_OD
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 Count = Annotated[int, Field(ge=1)]
 # Error type of a mapping checked against names known only at run time (one problem per unknown name).

@@ -154,9 +154,9 @@ def build_tile_grid(
     """Tile index of a study: :func:`slide_tile_index` of every slide, concatenated, sorted by ``tile_id``.
 
     ``slide_meta`` maps slide name to metadata (object or dict), or is an iterable of metadata objects.
-    ``overlap_um`` (when given) sets each slide's overlap from its own pixel size, ``ceil(overlap_um /
-    pixel_size_um)`` px, instead of ``overlap_px``: a cell is kept whole by exactly one tile only when the
-    overlap is at least its diameter, and cell sizes are physical.
+    ``overlap_um`` (when given) sets each slide's overlap from its own pixel size (:func:`overlap_px_for`)
+    instead of ``overlap_px``: a cell is kept whole by exactly one tile only when the overlap is at least
+    its diameter, and cell sizes are physical.
     """
     metas = list(slide_meta.values()) if isinstance(slide_meta, Mapping) else list(slide_meta)
     frames = []
@@ -178,9 +178,20 @@ def build_tile_grid(
     return pd.concat(frames, ignore_index=True).sort_values("tile_id", ignore_index=True)
 
 
+# Pixels added to the overlap: a cell as wide as the overlap, centred on the last column of its tile's core,
+# would otherwise end exactly on the window edge and be taken for a cut cell by its owner (kept by no tile).
+OVERLAP_MARGIN_PX = 2
+
+
 def overlap_px_for(overlap_um: float, pixel_size_um: float, tile_px: int) -> int:
-    """The overlap in px that covers ``overlap_um`` at ``pixel_size_um``; an error when it eats the tile."""
-    overlap_px = math.ceil(overlap_um / pixel_size_um - 1e-9)
+    """The overlap in px that holds a cell ``overlap_um`` wide whole in its owner tile; an error when it
+    eats the tile.
+
+    ``ceil(overlap_um / pixel_size_um) + OVERLAP_MARGIN_PX``: each side of a core then has at least half the
+    cell width plus one pixel of window beyond it, so a cell no wider than ``overlap_um`` whose bounding-box
+    centre is in the core never touches the window's inner edge.
+    """
+    overlap_px = math.ceil(overlap_um / pixel_size_um - 1e-9) + OVERLAP_MARGIN_PX
     if overlap_px * 2 >= tile_px:
         raise ValueError(
             f"ingestion.tiles.largest_cell_um = {overlap_um} µm is a tile overlap of {overlap_px} px at "
