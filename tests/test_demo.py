@@ -419,3 +419,31 @@ def test_spec_round_trips_and_rejects_nonsense() -> None:
         spec, vacuole_diameter_um=[30.0, 100.0], groups=[dataclasses.asdict(g) for g in spec.groups]
     )
     assert yaml_like == spec
+
+
+def test_an_interrupted_demo_run_never_lets_the_next_one_overwrite_the_labs_sheet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted run leaves a manifest listing every planned file without a stamp; the lab then writes
+    its own sheet there. The next demo run claimed the sheet as its own and overwrote it."""
+    import mk_hspc.demo.writer as demo_writer
+
+    spec = _tiny()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the first demo slide is generated
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo_writer, "_generate_slide", killed)
+        with pytest.raises(KeyboardInterrupt):
+            make_demo_study(tmp_path, spec, progress=False, n_workers=1)
+    assert not (tmp_path / "slide_sheet.csv").exists()  # the demo never wrote a sheet
+
+    lab_sheet = "slide,group\nLAB01,control\nLAB02,treated\n"
+    (tmp_path / "slide_sheet.csv").write_text(lab_sheet)
+    with pytest.raises(FileExistsError, match=r"slide_sheet\.csv"):
+        make_demo_study(tmp_path, spec, progress=False, n_workers=1)
+    assert (tmp_path / "slide_sheet.csv").read_text() == lab_sheet
+    # Without the lab's sheet in the way, the interrupted study is finished as usual.
+    (tmp_path / "slide_sheet.csv").unlink()
+    assert make_demo_study(tmp_path, spec, progress=False, n_workers=1).generated

@@ -292,21 +292,32 @@ def _read_manifest(manifest_path: Path) -> dict[str, Any] | None:
     return manifest
 
 
+# Files a lab writes itself under the same names (its slide sheet, its ground truth): the writer claims them
+# only with a stamp that proves it wrote them, never on the word of an unfinished run's plan.
+LAB_FILES = ("slide_sheet.csv", "ground_truth/cells.parquet")
+
+
 def _owned_files(out_dir: Path, manifest: dict[str, Any] | None) -> set[Path]:
     """Files of ``out_dir`` the writer wrote, by its manifest: listed and unchanged since.
 
-    A file listed without a stamp was about to be written by a run that did not finish. A manifest from
-    before files were listed names its spec, which gives the files.
+    A file listed without a stamp was about to be written by a run that did not finish: a generated slide or
+    tissue file of it is the writer's, but a slide sheet or ground-truth table there now may be the lab's,
+    written after the interruption, so those count only with a matching stamp. A manifest from before files
+    were listed names its spec, which gives the files (the lab files again only as stamped ones: none).
     """
     if manifest is None:
         return set()
     listed = manifest.get("files")
     if listed is None:
-        return set(_study_files(_study(out_dir, DemoSpec.from_dict(manifest["spec"]), False)))
+        listed = {
+            path.relative_to(out_dir).as_posix(): None
+            for path in _study_files(_study(out_dir, DemoSpec.from_dict(manifest["spec"]), False))
+        }
     owned = set()
     for relative, stamp in listed.items():
         path = out_dir / relative
-        if stamp is None or (path.is_file() and _stamp(path) == stamp):
+        planned_only = stamp is None and relative not in LAB_FILES
+        if planned_only or (stamp is not None and path.is_file() and _stamp(path) == stamp):
             owned.add(path)
     return owned
 
