@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from mk_hspc.datasets.atomic import AtomicDataset, StaleOutputError  # noqa: E402
+from mk_hspc.datasets.slide_folder import SlideFolderDataset  # noqa: E402
 from mk_hspc.engine.fingerprint import digest  # noqa: E402
 from mk_hspc.hooks import ProvenanceHooks, StaleInputError, check_inputs_belong_together  # noqa: E402
 
@@ -196,3 +198,61 @@ def test_settings_that_cannot_change_a_result_do_not_make_outputs_stale() -> Non
     assert parameter_digest(faster) == parameter_digest(segmentation)
     other = {**segmentation, "segmenters": {"mk": {"name": "sam2"}}}
     assert parameter_digest(other) != parameter_digest(segmentation)
+
+
+# The slides themselves are in the provenance: an output built from another version of a slide (a file
+# replaced under the same name, or a pixel size overridden since) is refused next to the current slides.
+
+
+class _NamedNode:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _build_tile_sample_then_segment(
+    tmp_path: Path, raw_before: SlideFolderDataset, raw_after: SlideFolderDataset, between=lambda: None
+) -> None:
+    """Run the provenance hooks as Kedro does: a node builds ``tile_sample`` from ``raw_slides``; later
+    (after ``between``) the segmentation node takes ``tile_sample`` and ``raw_slides`` together."""
+    tile_sample = AtomicDataset("pandas.ParquetDataset", str(tmp_path / "tile_sample.parquet"))
+    hooks = ProvenanceHooks()
+    catalog = _Catalog({"raw_slides": raw_before, "tile_sample": tile_sample})
+    builder = _NamedNode("make_tile_sample")
+    hooks.before_node_run(builder, catalog, {"raw_slides": raw_before.load()})
+    sample = pd.DataFrame({"tile_id": ["lab01_s0_r000_c000"], "slide": ["lab01"]})
+    hooks.before_dataset_saved("tile_sample", sample, builder)
+    tile_sample.save(sample)
+    between()
+    catalog = _Catalog({"raw_slides": raw_after, "tile_sample": tile_sample})
+    hooks.before_node_run(
+        _NamedNode("segment_sampled_tiles"),
+        catalog,
+        {"raw_slides": raw_after.load(), "tile_sample": tile_sample.load()},
+    )
+
+
+def test_a_tile_sample_built_from_a_replaced_slide_file_is_refused(tmp_path: Path, shared_data: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(shared_data / "czitools" / "WellD6_S1.czi", slides / "lab01.czi")
+    raw = SlideFolderDataset(path=str(slides))
+
+    def replace_the_slide() -> None:  # the lab re-exports lab01 (another scan) under the same name
+        shutil.copy(shared_data / "czitools" / "WellD6-7_S2.czi", slides / "lab01.czi")
+
+    with pytest.raises(StaleInputError):
+        _build_tile_sample_then_segment(tmp_path, raw, raw, between=replace_the_slide)
+
+
+def test_a_tile_sample_built_before_a_pixel_size_override_changed_is_refused(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(shared_data / "czitools" / "WellD6_S1.czi", slides / "lab01.czi")
+    before = SlideFolderDataset(path=str(slides))
+    after = SlideFolderDataset(path=str(slides), pixel_size_um_by_slide={"lab01": 0.25})  # recalibrated
+    with before.load()["lab01"]() as slide_before, after.load()["lab01"]() as slide_after:
+        assert slide_before.meta.pixel_size_um != slide_after.meta.pixel_size_um
+    with pytest.raises(StaleInputError):
+        _build_tile_sample_then_segment(tmp_path, before, after)

@@ -15,9 +15,13 @@ from typing import Any
 from kedro.io.core import AbstractDataset, DatasetError
 
 from mk_hspc.czi import CziSlide, open_slide
+from mk_hspc.czi.container import file_identity
 from mk_hspc.czi.discovery import find_slides
+from mk_hspc.engine.fingerprint import digest
 
 SlideLoaders = dict[str, Callable[[], CziSlide]]
+# `open_slide` options that change how fast pixels are read, never which pixels.
+SPEED_OPTIONS = frozenset({"strip_mib", "cache_mib", "thread_mode"})
 
 
 class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
@@ -71,6 +75,25 @@ class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
             )
             for name, path in slides.items()
         }
+
+    def verified_manifest(self) -> dict[str, Any]:
+        """What these slides are, for provenance (``mk_hspc.hooks``): each file's identity (header GUID and
+        size: a slide replaced under the same name differs, a copy does not), its pixel-size override and the
+        reading options that change pixels. Outputs built from them record its digest, so a node is refused
+        when its inputs were built from other slides or other pixel sizes than the folder holds now."""
+        slides = find_slides(self._path)
+        record = {
+            "slides": {
+                name: {
+                    "file": file_identity(path),
+                    "pixel_size_um_override": self._pixel_size_um_by_slide.get(name),
+                }
+                for name, path in sorted(slides.items())
+            },
+            "pixel_size_um_without_metadata": self._pixel_size_um,
+            "pixel_options": {k: v for k, v in sorted(self._load_args.items()) if k not in SPEED_OPTIONS},
+        }
+        return {"digest": digest(record), "lineage": {}}
 
     def save(self, data: None) -> None:
         raise DatasetError(f"SlideFolderDataset is read-only; cannot write into {self._path}")
