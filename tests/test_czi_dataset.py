@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,14 @@ def test_equal_stems_are_an_error_naming_both_files(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetError, match="MOUSE_1.CZI"):  # and the catalog surfaces it unchanged
         SlideFolderDataset(path=str(tmp_path)).load()
+
+
+@pytest.mark.parametrize("file_name", ["..czi", "...czi", "....CZI"])
+def test_a_slide_named_only_dots_is_an_error_naming_the_file(tmp_path: Path, file_name: str) -> None:
+    """``...czi`` would be slide ``..``: its tile files (``<store>/<slide>/<tile>.h5``) would leave the store."""
+    write_czi(tmp_path / file_name, 10, 0.2)
+    with pytest.raises(ValueError, match=re.escape(file_name)):
+        find_slides(tmp_path)
 
 
 def test_load_lists_slides_without_opening_them(slide_folder: Path) -> None:

@@ -30,6 +30,7 @@ def find_slides(folder: str | Path) -> dict[str, Path]:
     Raises:
         DuplicateSlideNameError: two files have equal stems (case-insensitively); the message names both
             files of every such pair.
+        ValueError: a file's stem is only dots (``...czi`` would be slide ``..``), naming the file.
 
     Example:
         >>> find_slides("data/01_raw/slides")  # doctest: +SKIP
@@ -43,6 +44,10 @@ def find_slides(folder: str | Path) -> dict[str, Path]:
     for path in sorted(folder.rglob("*")):
         if not is_slide_file(path):
             continue
+        if path.stem.strip(".") == "":
+            # "..czi" / "...czi": the name would be "." or "..", and tile files named after it would leave the
+            # tile store's folder.
+            raise ValueError(f"{path}: a slide needs a name (its file stem), not {path.stem!r}; rename the file")
         key = path.stem.casefold()
         if key in by_key:
             clashes.append(f"{by_key[key]} and {path}")
