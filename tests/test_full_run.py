@@ -147,3 +147,23 @@ def test_validated_model_is_refused_on_features_of_other_segmentation_parameters
     tmp_path, full_cells = trained
     with pytest.raises((ValueError, ModelNotValidatedError), match="(?i)segmentation|params"):
         full_nodes.apply_validated_models(full_cells, _store("seg-B"), _train_conf(tmp_path, 0.5))
+
+
+def test_a_newer_failing_training_run_is_named_when_the_older_validated_model_is_applied(
+    trained, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retrain that fails its gates leaves the alias on the older passing version; the full run then
+    applies that older model, and says so, naming the failed run."""
+    tmp_path, full_cells = trained
+    train = _train_conf(tmp_path, 0.5)
+    classifier = train["classifiers"]["mk"]
+    cells = make_cells()
+    rng = np.random.default_rng(7)
+    noise = labels_doc(cells.assign(truth=rng.random(len(cells)) < 0.5))  # labels unrelated to the cells
+    training_set, summary = train_nodes.make_training_set(noise, cells, _store("seg-A"), train, classifier)
+    report, _ = train_nodes.train_classifier(training_set, summary, train, classifier)
+    assert not report["passed"]
+    with caplog.at_level("WARNING"):
+        final = full_nodes.apply_validated_models(full_cells, _store("seg-A"), train)
+    assert set(final["model_version"]) == {1}
+    assert report["run_id"] in caplog.text and "FAILED" in caplog.text

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ forbid_pickle()
 
 # The run parameter holding the tile store's ``params_hash`` of the training features.
 SEGMENTATION_PARAM = "segmentation_params_hash"
+# The run tag naming the registered model a training run was for (passed or not).
+REGISTERED_MODEL_TAG = "registered_model"
 
 
 class ModelNotValidatedError(RuntimeError):
@@ -139,6 +142,7 @@ def log_training_run(
             mlflow.log_metric(f"gate_{name}_margin", float(gate["margin"]))
         mlflow.set_tags(
             {
+                REGISTERED_MODEL_TAG: registered_model,
                 "passed": str(passed).lower(),
                 "failing_gates": ",".join(
                     f"{g} ({validation['gates'][g]['value']:.3f} < {validation['gates'][g]['threshold']:.2f}, "
@@ -234,6 +238,34 @@ class LoadedModel:
                 "label and train on candidates of the current segmentation (`kedro run`, then "
                 "`--pipelines train`) or restore its parameters"
             )
+
+
+def newer_failed_run(store: Store, registered_model: str, validated_run_id: str) -> dict[str, str] | None:
+    """The latest training run for ``registered_model`` when it failed its gates after the validated one
+    (so the full run would apply an older model than the labels now support), else None.
+
+    Returns:
+        ``{"run_id", "failing_gates", "started"}`` of that run.
+    """
+    client = _client(store)
+    experiment = client.get_experiment_by_name(store.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{REGISTERED_MODEL_TAG} = '{registered_model}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs or runs[0].info.run_id == validated_run_id or runs[0].data.tags.get("passed") == "true":
+        return None
+    latest = runs[0]
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(latest.info.start_time / 1000))
+    return {
+        "run_id": latest.info.run_id,
+        "failing_gates": latest.data.tags.get("failing_gates", ""),
+        "started": started,
+    }
 
 
 def load_validated_model(store: Store, registered_model: str) -> LoadedModel:

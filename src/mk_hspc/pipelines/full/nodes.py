@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from mk_hspc.classify import results
 from mk_hspc.classify.adjusted_counts import add_adjusted_counts
-from mk_hspc.classify.tracking import load_validated_model, resolve_store
+from mk_hspc.classify.tracking import load_validated_model, newer_failed_run, resolve_store
 from mk_hspc.counts import count_cells
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.pipelines.train.nodes import candidate_features
@@ -43,6 +43,14 @@ def apply_validated_models(
         cell_type = classifier["cell_type"]
         loaded = load_validated_model(store, classifier["registered_model"])
         loaded.check_applicable(threshold, full_tile_store.params_hash)
+        newer = newer_failed_run(store, loaded.registered_model, loaded.run_id)
+        if newer is not None:
+            logger.warning(
+                "%s: the latest training run %s (%s) FAILED its gates (%s); applying the older validated "
+                "version %d (run %s). Label more and retrain if the newer labels should count.",
+                loaded.registered_model, newer["run_id"], newer["started"], newer["failing_gates"],
+                loaded.version, loaded.run_id,
+            )  # fmt: skip
         cells = full_cells[full_cells["cell_type"] == cell_type]
         feature_set = (
             "all" if any(not c.startswith("morphology_") for c in loaded.feature_names) else "morphology"
