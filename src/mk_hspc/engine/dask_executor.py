@@ -322,7 +322,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
     Returns counts and timings only. Raises :class:`TileTaskError` naming the stage and the tile (Dask
     retries it), or :class:`WorkerSetupError` when the worker cannot run this job at all.
     """
-    from mk_hspc.engine.tile_work import _normalise_tile, process_tile
+    from mk_hspc.engine.tile_work import _cells_per_type, _normalise_tile, process_tile
     from mk_hspc.tile_store import write_tile_result
 
     with _STATES_LOCK:
@@ -365,8 +365,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
     except Exception as exc:
         raise TileTaskError("write", spec.tile_id, str(exc)) from exc
     timings["write"] = time.perf_counter() - started
-    counts = result.cells["cell_type"].value_counts()
-    cells = {cell_type: int(counts.get(cell_type, 0)) for cell_type in state.segmenters}
+    cells = _cells_per_type(result, state.segmenters)  # the local engine's counts, WIDER included
     del result
     state.tile_written()
     return {

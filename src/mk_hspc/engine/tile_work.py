@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -290,6 +291,11 @@ def segment_tiles(
     )
 
     pixel_sizes_um = {name: float(slides[name].meta.pixel_size_um) for name in {s.slide for s in specs}}
+    unusable = {name: size for name, size in pixel_sizes_um.items() if not (math.isfinite(size) and size > 0)}
+    if unusable:
+        # Before any tile: NaN would be written into the µm columns (and, NaN != NaN, make every rerun
+        # recompute the tile); the segmenters would fail each tile with an error that names no slide.
+        raise ValueError(f"slide pixel size(s) are not a positive number of µm per pixel: {unusable}")
     file_ids = {name: str(getattr(slides[name].meta, "file_id", "")) for name in pixel_sizes_um}
     todo: list[TileSpec] = []
     redo: dict[TileStatus, list[str]] = {TileStatus.STALE: [], TileStatus.INVALID: []}

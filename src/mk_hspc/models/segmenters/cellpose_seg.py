@@ -97,7 +97,9 @@ class CellposeSegmenter:
         self.max_area_um2 = None if max_area_um2 is None else float(max_area_um2)
         self.tile_overlap = float(tile_overlap)
         self.batch_size = int(batch_size)
-        self.use_bfloat16 = self.device.type == "cuda" if use_bfloat16 is None else bool(use_bfloat16)
+        # As configured (None: bf16 where the model runs on CUDA), not resolved here: the fingerprint holds
+        # public attributes, and a driver without a GPU must compute the same one as its GPU workers.
+        self.use_bfloat16 = None if use_bfloat16 is None else bool(use_bfloat16)
         self.niter = niter
         self.normalize = normalize
         self._model: Any = None
@@ -114,7 +116,7 @@ class CellposeSegmenter:
                 gpu=self.device.type == "cuda",
                 pretrained_model=str(Path(weights).resolve()),
                 device=self.device,
-                use_bfloat16=self.use_bfloat16,
+                use_bfloat16=self.device.type == "cuda" if self.use_bfloat16 is None else self.use_bfloat16,
             )
         return self._model
 

@@ -281,6 +281,9 @@ def segment_megakaryocytes(
         if score <= 0.0 or score < p.min_score:
             continue
         target = labels[box]
-        target[cell & (target == 0)] = len(scores) + 1
+        painted = cell & (target == 0)
+        if not painted.any():
+            continue  # wholly inside an earlier cell (its closing and hole fill took it): no pixel to label
+        target[painted] = len(scores) + 1
         scores.append(score)
     return labels, np.asarray(scores, np.float32)

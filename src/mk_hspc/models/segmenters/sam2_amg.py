@@ -451,8 +451,8 @@ def resolve_overlaps(
         window = labels[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]]
         unclaimed = mask & (window == 0)
         n_unclaimed = int(unclaimed.sum())
-        if n_unclaimed < min_area_px or n_unclaimed < min_unclaimed_fraction * area:
-            continue
+        if n_unclaimed == 0 or n_unclaimed < min_area_px or n_unclaimed < min_unclaimed_fraction * area:
+            continue  # (a mask wholly claimed by better ones has no pixel left, whatever the thresholds)
         scores.append(float(predicted_iou[index]))
         window[unclaimed] = len(scores)
     return Segmentation(labels=labels, scores=np.asarray(scores, np.float32))
