@@ -13,7 +13,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from mk_hspc.export.build import plan_site, write_site
-from mk_hspc.export.crops import crop_box, cut_padded, outline_polygon
+from mk_hspc.export.crops import crop_box, crop_side_px, cut_padded, outline_polygon
 from mk_hspc.export.files import safe_relative, write_files
 from mk_hspc.export.interop import label_studio_tasks, qupath_geojson
 from mk_hspc.export.site import assign_pages
@@ -131,8 +131,12 @@ def test_orders_by_slide_and_seeded_random(study: Study) -> None:
 
 
 def test_crop_geometry_pads_outside_the_window() -> None:
-    x0, y0, side = crop_box(10.0, 10.0, crop_um=10.0, pixel_size_um=0.5)
-    assert (x0, y0, side) == (0, 0, 20)
+    side = crop_side_px(crop_um=10.0, pixel_size_um=0.5, output_px=20)
+    # The pixel centred at index 10 spans [9.5, 10.5]: a 20 px window centred on it starts at 0.5, rounded.
+    assert (crop_box(10.0, 10.0, side), side) == ((0, 0), 20)
+    assert crop_box(10.5, 9.5, side) == (1, 0)
+    # 923 px at a 7x reduction to 128: 917 px (131 x 7), so shrink trims nothing.
+    assert crop_side_px(60.0, 0.065, 128) == 917
     image = np.zeros((8, 8, 3), np.uint8)
     out = cut_padded(image, -4, -4, 10, fill=255)
     assert out.shape == (10, 10, 3) and out[0, 0, 0] == 255 and out[5, 5, 0] == 0

@@ -17,6 +17,7 @@ from mk_hspc.export.build import ArrayPool, plan_site, write_site
 from mk_hspc.export.crops import (
     CropSpec,
     crop_box,
+    crop_side_px,
     cut_padded,
     display_outline,
     histogram_percentile,
@@ -116,7 +117,8 @@ def test_batched_crops_match_the_per_cell_path(
         )  # fmt: skip
         assert [c.cell_id for c in crops] == cells["cell_id"].tolist()
         for crop, cell in zip(crops, records, strict=True):
-            x0, y0, side = crop_box(cell["centroid_x_px"], cell["centroid_y_px"], spec.crop_um, 0.5)
+            side = crop_side_px(spec.crop_um, result.pixel_size_um, spec.output_px)
+            x0, y0 = crop_box(cell["centroid_x_px"], cell["centroid_y_px"], side)
             mask = cut_padded(result.labels[cell_type], x0 - x, y0 - y, side, 0) == cell["label"]
             assert crop.outline == display_outline(mask, spec.output_px) != ""
             expected = cv2.LUT(shrink(cut_padded(rgb, x0 - x, y0 - y, side, 255), spec.output_px), table)
