@@ -5,7 +5,8 @@
   "use strict";
   var body = document.body;
   var root = body.dataset.root || "";
-  var KEY_LABELS = "mkhspc.labels.v1", KEY_QUEUE = "mkhspc.queue.v1", KEY_ANNOTATOR = "mkhspc.annotator";
+  var KEY_LABELS = "mkhspc.labels.v2", KEY_QUEUE = "mkhspc.queue.v1", KEY_ANNOTATOR = "mkhspc.annotator";
+  var KEY_LABELS_V1 = "mkhspc.labels.v1";  // one map for every annotator (before v2): read once, by its entries' annotator
   var CHOICES = [["yes", "Yes", "y"], ["no", "No", "n"], ["unsure", "?", "u"]];
   var TILE = /^(.+)_s\d+_r\d+_c\d+_([a-z0-9]+)_\d{5,}$/;
   var serverUp = false, sending = false, lastError = "", batchLimit = 200, serverProgress = null;
@@ -14,16 +15,35 @@
     try { var v = JSON.parse(localStorage.getItem(key)); return v === null ? fallback : v; } catch (e) { return fallback; }
   }
   function store(key, value) { try { localStorage.setItem(key, JSON.stringify(value)); } catch (e) { lastError = "browser storage full"; } }
-  var labels = load(KEY_LABELS, {});      // cell_id -> {label, annotator, updated_at}
+  // annotator -> cell_id -> {label, annotator, updated_at}: each person sees, counts and filters by their own
+  // labels only (a shared browser must not show one annotator's labels as another's).
+  var labelsBy = loadLabels();
   var queue = load(KEY_QUEUE, []);        // events not yet acknowledged by the server
   var annotatorInput = document.getElementById("annotator");
   var annotator = localStorage.getItem(KEY_ANNOTATOR) || "";
   annotatorInput.value = annotator;
+  var labels = labelsOf(annotator);       // the current annotator's labels
   annotatorInput.addEventListener("change", function () {
     annotator = annotatorInput.value.trim();
     localStorage.setItem(KEY_ANNOTATOR, annotator);
+    labels = labelsOf(annotator);
+    figures.forEach(render);
+    update();
     if (serverUp) { pullServerLabels(); }
   });
+
+  function loadLabels() {
+    var by = load(KEY_LABELS, null);
+    if (by) { return by; }
+    by = {};
+    var old = load(KEY_LABELS_V1, {});
+    Object.keys(old).forEach(function (cell) {
+      var who = old[cell].annotator || "anonymous";
+      (by[who] = by[who] || {})[cell] = old[cell];
+    });
+    return by;
+  }
+  function labelsOf(who) { return (labelsBy[who || "anonymous"] = labelsBy[who || "anonymous"] || {}); }
 
   var figures = Array.prototype.slice.call(document.querySelectorAll("figure.cell"));
   var current = -1;
@@ -41,10 +61,10 @@
   }
 
   function setLabel(figure, label) {
-    if (!annotator) { annotator = "anonymous"; annotatorInput.value = annotator; localStorage.setItem(KEY_ANNOTATOR, annotator); }
+    if (!annotator) { annotator = "anonymous"; annotatorInput.value = annotator; localStorage.setItem(KEY_ANNOTATOR, annotator); labels = labelsOf(annotator); }
     var now = new Date().toISOString();
     labels[figure.dataset.cell] = {label: label, annotator: annotator, updated_at: now};
-    store(KEY_LABELS, labels);
+    store(KEY_LABELS, labelsBy);
     queue.push({event_id: newId(), cell_id: figure.dataset.cell, label: label, time: now, annotator: annotator});
     store(KEY_QUEUE, queue);
     render(figure);
@@ -155,11 +175,11 @@
       .then(function (data) {
         if (!data) { return; }
         var pending = {};
-        queue.forEach(function (e) { pending[e.cell_id] = true; });
+        queue.forEach(function (e) { if (e.annotator === annotator) { pending[e.cell_id] = true; } });
         Object.keys(data.labels).forEach(function (cell) {
           if (!pending[cell]) { labels[cell] = {label: data.labels[cell], annotator: annotator, updated_at: (labels[cell] || {}).updated_at || new Date().toISOString()}; }
         });
-        store(KEY_LABELS, labels);
+        store(KEY_LABELS, labelsBy);
         figures.forEach(render);
         update();
       }).catch(function () {});
@@ -170,11 +190,15 @@
       .then(function (data) { if (data) { serverProgress = data; fillIndex(); } }).catch(function () {});
   }
 
-  function download() {
-    var entries = Object.keys(labels).sort().map(function (cell) {
-      var e = labels[cell];
-      return {cell_id: cell, label: e.label, annotator: e.annotator || annotator || "anonymous", updated_at: e.updated_at};
+  function download() {  // every annotator's labels given in this browser
+    var entries = [];
+    Object.keys(labelsBy).sort().forEach(function (who) {
+      Object.keys(labelsBy[who]).forEach(function (cell) {
+        var e = labelsBy[who][cell];
+        entries.push({cell_id: cell, label: e.label, annotator: who, updated_at: e.updated_at});
+      });
     });
+    entries.sort(function (a, b) { return a.cell_id < b.cell_id ? -1 : a.cell_id > b.cell_id ? 1 : (a.annotator < b.annotator ? -1 : 1); });
     var blob = new Blob([JSON.stringify({version: 1, labels: entries}, null, 1)], {type: "application/json"});
     var link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
@@ -190,7 +214,7 @@
     var counts = {};
     if (serverProgress) {  // served: every annotator's labels, from the label store
       serverProgress.by_slide.forEach(function (row) { counts[row.slide + "\u0000" + row.cell_type] = row.labelled; });
-    } else {               // static: this browser's labels
+    } else {               // static: this annotator's labels in this browser
       Object.keys(labels).forEach(function (cell) {
         var m = TILE.exec(cell);
         if (m) { var k = m[1] + "\u0000" + m[2]; counts[k] = (counts[k] || 0) + 1; }
@@ -227,7 +251,7 @@
   document.getElementById("show-outlines").addEventListener("change", function (e) { body.classList.toggle("no-outlines", !e.target.checked); });
   document.getElementById("download").addEventListener("click", download);
   window.addEventListener("online", checkServer);
-  window.addEventListener("storage", function () { labels = load(KEY_LABELS, {}); queue = load(KEY_QUEUE, []); figures.forEach(render); update(); });
+  window.addEventListener("storage", function () { labelsBy = loadLabels(); labels = labelsOf(annotator); queue = load(KEY_QUEUE, []); figures.forEach(render); update(); });
   setInterval(function () { if (!serverUp || queue.length) { checkServer(); } }, 3000);
   if (figures.length) { focus(0); }
   update();
