@@ -47,7 +47,9 @@ def find_slides(folder: str | Path) -> dict[str, Path]:
         if path.stem.strip(".") == "":
             # "..czi" / "...czi": the name would be "." or "..", and tile files named after it would leave the
             # tile store's folder.
-            raise ValueError(f"{path}: a slide needs a name (its file stem), not {path.stem!r}; rename the file")
+            raise ValueError(
+                f"{path}: a slide needs a name (its file stem), not {path.stem!r}; rename the file"
+            )
         key = path.stem.casefold()
         if key in by_key:
             clashes.append(f"{by_key[key]} and {path}")
