@@ -82,3 +82,52 @@ def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(tmp
     finally:
         server.should_exit = True
         thread.join(5)
+
+
+def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Path) -> None:
+    """A 503 with a JSON body (an overloaded server, a proxy in front of it) refused nothing: the page keeps the
+    label queued and sends it again, instead of dropping it as if the label itself were refused (before: any
+    non-200 JSON reply to a single event dropped it)."""
+    from starlette.responses import JSONResponse
+
+    root = tmp_path / "site"
+    (root / "assets").mkdir(parents=True)
+    shutil.copy(ASSETS / "app.js", root / "assets" / "app.js")
+    (root / "page.html").write_text(PAGE)
+    store = LabelStore(tmp_path / "labels.sqlite3")
+    site = AnnotationSite(root, {A: ("S1", "mk", "page.html"), B: ("S1", "mk", "page.html")})
+    app = create_app(site, store, default_annotator="alice")
+    busy = {"left": 2}  # enough for the page's batch-of-one retry too
+
+    async def overloaded_once(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and busy["left"]:
+            busy["left"] -= 1
+            await JSONResponse({"error": "overloaded"}, status_code=503)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(overloaded_once, port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/page.html")
+            page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+            page.click(f'figure[data-cell="{A}"] button[value=yes]')
+            # The page's 3 s server check sends the label again. (Polled from here: the page's CSP forbids
+            # the eval that a polling wait_for_function needs.)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not store.latest("alice"):
+                time.sleep(0.2)
+            browser.close()
+        assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
+    finally:
+        server.should_exit = True
+        thread.join(5)

@@ -128,11 +128,19 @@
     update();
     fetch(root + "api/labels", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(payload)})
       .then(function (response) {
-        return response.json().then(function (data) { return {status: response.status, data: data}; });
+        return response.json().catch(function () { return {}; })
+          .then(function (data) { return {status: response.status, data: data}; });
       })
       .then(function (reply) {
         sending = false;
+        if (reply.status >= 500 || reply.status === 408 || reply.status === 429) {
+          // The server could not store them now (busy, a disk error): nothing was refused, send them later.
+          serverUp = false; lastError = "server said " + reply.status + "; labels kept, will retry";
+          update();
+          return;
+        }
         if (reply.status === 200) {
+          lastError = lastError.indexOf("will retry") >= 0 ? "" : lastError;
           var acked = {};
           reply.data.acked.forEach(function (id) { acked[id] = true; });
           queue = mergedQueue().filter(function (e) { return !acked[e.event_id]; });
