@@ -47,7 +47,7 @@ def cells_found(rgb: np.ndarray, tiles: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-HEIGHT, WIDTH, TILE_PX = 300, 678, 400  # two tiles: the overlap is 60 µm + 2 px = 122 px
+HEIGHT, WIDTH, TILE_PX = 300, 664, 400  # two tiles: the overlap is 60 µm + 2 px, aligned: 136 px
 
 
 def shape_mask(kind: str, centre_x: float) -> np.ndarray:

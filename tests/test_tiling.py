@@ -203,3 +203,20 @@ def test_sample_edge_cases():
         sample_tiles(index, 0.0, 0)
     with pytest.raises(ValueError, match="duplicate"):
         sample_tiles(pd.concat([index, index]), 0.5, 0)
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.1725, 0.22, 0.25, 0.5, 0.11])
+@pytest.mark.parametrize("tile_px", [1000, 2000, 3000])
+def test_the_tile_step_is_aligned_for_binning_segmenters(pixel_size_um: float, tile_px: int) -> None:
+    """The step between tiles is a multiple of 24 px, so a segmenter binning 2x, 3x, 4x, 6x or 8x bins
+    neighbouring tiles on one grid, and the overlap still holds a 60 µm cell plus its margin."""
+    from mk_hspc.tiling import OVERLAP_MARGIN_PX, STEP_ALIGN_PX, overlap_px_for
+
+    needed = int(np.ceil(60.0 / pixel_size_um - 1e-9)) + OVERLAP_MARGIN_PX
+    if 2 * (needed + STEP_ALIGN_PX) > tile_px:  # 60 µm at 0.11 µm/px is over half a 1000 px tile
+        with pytest.raises(ValueError, match="too large"):
+            overlap_px_for(60.0, pixel_size_um, tile_px)
+        return
+    overlap = overlap_px_for(60.0, pixel_size_um, tile_px)
+    assert (tile_px - overlap) % STEP_ALIGN_PX == 0
+    assert needed <= overlap < needed + STEP_ALIGN_PX

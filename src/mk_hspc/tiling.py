@@ -181,17 +181,23 @@ def build_tile_grid(
 # Pixels added to the overlap: a cell as wide as the overlap, centred on the last column of its tile's core,
 # would otherwise end exactly on the window edge and be taken for a cut cell by its owner (kept by no tile).
 OVERLAP_MARGIN_PX = 2
+# The tile step (tile_px - overlap) is a multiple of this: segmenters that bin pixels (2x, 3x, 4x, 6x, 8x...)
+# then bin every tile on one grid, so neighbouring tiles see a cell near their boundary in the same pixels.
+# Off-grid steps made the two tiles segment such a cell differently, and each took it for the other's.
+STEP_ALIGN_PX = 24
 
 
 def overlap_px_for(overlap_um: float, pixel_size_um: float, tile_px: int) -> int:
     """The overlap in px that holds a cell ``overlap_um`` wide whole in its owner tile; an error when it
     eats the tile.
 
-    ``ceil(overlap_um / pixel_size_um) + OVERLAP_MARGIN_PX``: each side of a core then has at least half the
-    cell width plus one pixel of window beyond it, so a cell no wider than ``overlap_um`` whose bounding-box
-    centre is in the core never touches the window's inner edge.
+    At least ``ceil(overlap_um / pixel_size_um) + OVERLAP_MARGIN_PX``: each side of a core then has at least
+    half the cell width plus one pixel of window beyond it, so a cell no wider than ``overlap_um`` whose
+    bounding-box centre is in the core never touches the window's inner edge; then up to
+    ``STEP_ALIGN_PX - 1`` px more, so that the step between tiles is a multiple of ``STEP_ALIGN_PX``.
     """
-    overlap_px = math.ceil(overlap_um / pixel_size_um - 1e-9) + OVERLAP_MARGIN_PX
+    needed_px = math.ceil(overlap_um / pixel_size_um - 1e-9) + OVERLAP_MARGIN_PX
+    overlap_px = tile_px - (tile_px - needed_px) // STEP_ALIGN_PX * STEP_ALIGN_PX
     if overlap_px * 2 >= tile_px:
         raise ValueError(
             f"ingestion.tiles.largest_cell_um = {overlap_um} µm is a tile overlap of {overlap_px} px at "
