@@ -63,3 +63,54 @@ def test_a_slide_without_candidates_has_no_cells_even_without_rates() -> None:
     final_cells = pd.DataFrame({"slide": ["a"] * 5, "cell_type": ["mk"] * 5})
     table = add_adjusted_counts(counts, final_cells, {"mk": (float("nan"), float("nan"))})
     assert np.isnan(table["n_cells_adjusted"].iloc[0]) and table["n_cells_adjusted"].iloc[1] == 0.0
+
+
+def test_cells_people_labelled_are_counted_as_labelled_and_the_rest_adjusted() -> None:
+    """10 labelled candidates (4 yes) + 100 the model decided (20 accepted at tpr 0.8, fpr 0.1):
+    4 + (20 - 0.1 x 100) / (0.8 - 0.1) = 4 + 14.29."""
+    final_cells = pd.DataFrame(
+        {
+            "slide": ["a"] * 110,
+            "cell_type": ["mk"] * 110,
+            "decided_by": ["label"] * 10 + ["model"] * 100,
+            "is_cell": [True] * 4 + [False] * 6 + [True] * 20 + [False] * 80,
+        }
+    )
+    counts = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"], "n_cells": [24], "tissue_mm2": [1.0]})
+    table = add_adjusted_counts(counts, final_cells, {"mk": (0.8, 0.1)})
+    assert table["n_candidates"].tolist() == [110]
+    assert table["n_cells_adjusted"].iloc[0] == pytest.approx(4 + 10 / 0.7, abs=0.05)
+
+
+def test_within_slide_rates_hold_out_whole_tiles() -> None:
+    """The adjusted counts' rates come from folds of whole tiles (no tile on both sides); one tile: unknown."""
+    from sklearn.dummy import DummyClassifier
+
+    from mk_hspc.classify.training import within_slide_rates
+
+    rng = np.random.default_rng(0)
+    n = 120
+    tiles = [f"s{i % 2}_s0_r00{i % 6}_c000" for i in range(n)]
+    training_set = pd.DataFrame(
+        {
+            "cell_id": [f"{t}_mk_{i:05d}" for i, t in enumerate(tiles)],
+            "slide": [t.split("_")[0] for t in tiles],
+            "y": rng.integers(0, 2, n),
+            "morphology_area_um2": rng.random(n),
+        }
+    )
+    seen: list[set[str]] = []
+
+    class Recording(DummyClassifier):
+        def fit(self, X, y, sample_weight=None):
+            seen.append({tiles[i] for i in X.index})
+            return super().fit(X, y, sample_weight)
+
+    rates = within_slide_rates(training_set, Recording(strategy="constant", constant=1), n_splits=3)
+    assert rates == {"recall_within_slides": 1.0, "false_positive_rate_within_slides": 1.0}
+    assert len(seen) == 3 and all(len(train) == 4 for train in seen)  # 6 tiles, 2 held out per fold
+    one_tile = training_set.assign(cell_id=[f"s0_s0_r000_c000_mk_{i:05d}" for i in range(n)])
+    assert all(
+        np.isnan(v)
+        for v in within_slide_rates(one_tile, Recording(strategy="constant", constant=1), n_splits=3).values()
+    )

@@ -17,6 +17,7 @@ from mk_hspc.pipelines.train import nodes as train_nodes
 from tests.test_classify import labels_doc, make_cells
 
 PX_UM = 0.5
+NO_LABELS = {"version": 1, "labels": []}
 
 
 # ------------------------------------------------------------------ full run: failed tiles and density
@@ -128,10 +129,14 @@ def test_validated_model_is_applied_at_its_own_threshold_and_otherwise_refused(t
     run's ``decision_threshold`` (0.5). A full run configured with another threshold (0.9) applies a model at a
     working point that no gate ever judged; it must refuse, or use the validated threshold."""
     tmp_path, full_cells = trained
-    baseline = full_nodes.apply_validated_models(full_cells, _store("seg-A"), _train_conf(tmp_path, 0.5))
+    baseline = full_nodes.apply_validated_models(
+        full_cells, _store("seg-A"), NO_LABELS, _train_conf(tmp_path, 0.5)
+    )
     assert len(baseline) and baseline["is_cell"].any()
     try:
-        final = full_nodes.apply_validated_models(full_cells, _store("seg-A"), _train_conf(tmp_path, 0.9))
+        final = full_nodes.apply_validated_models(
+            full_cells, _store("seg-A"), NO_LABELS, _train_conf(tmp_path, 0.9)
+        )
     except (ValueError, ModelNotValidatedError):
         return  # refused: fine
     assert (final["is_cell"] == (final["probability"] >= 0.5)).all(), (
@@ -146,7 +151,7 @@ def test_validated_model_is_refused_on_features_of_other_segmentation_parameters
     run's store was made with other parameters (``seg-B``), yet the same column names let it through."""
     tmp_path, full_cells = trained
     with pytest.raises((ValueError, ModelNotValidatedError), match="(?i)segmentation|params"):
-        full_nodes.apply_validated_models(full_cells, _store("seg-B"), _train_conf(tmp_path, 0.5))
+        full_nodes.apply_validated_models(full_cells, _store("seg-B"), NO_LABELS, _train_conf(tmp_path, 0.5))
 
 
 def test_a_newer_failing_training_run_is_named_when_the_older_validated_model_is_applied(
@@ -164,6 +169,28 @@ def test_a_newer_failing_training_run_is_named_when_the_older_validated_model_is
     report, _ = train_nodes.train_classifier(training_set, summary, train, classifier)
     assert not report["passed"]
     with caplog.at_level("WARNING"):
-        final = full_nodes.apply_validated_models(full_cells, _store("seg-A"), train)
+        final = full_nodes.apply_validated_models(full_cells, _store("seg-A"), NO_LABELS, train)
     assert set(final["model_version"]) == {1}
     assert report["run_id"] in caplog.text and "FAILED" in caplog.text
+
+
+def test_labelled_candidates_keep_the_label_and_the_model_decides_the_rest(trained) -> None:
+    """A person's yes / no is the decision for that cell (``decided_by: label``), whatever the model says; the
+    adjusted count corrects only the model's part."""
+    tmp_path, full_cells = trained
+    train = _train_conf(tmp_path, 0.5)
+    baseline = full_nodes.apply_validated_models(full_cells, _store("seg-A"), NO_LABELS, train)
+    mk = baseline[baseline["cell_type"] == "mk"]
+    accepted, rejected = mk[mk["is_cell"]].iloc[0], mk[~mk["is_cell"]].iloc[0]
+    stamp = "2026-01-01T00:00:00.000000Z"
+    labels = {
+        "version": 1,
+        "labels": [
+            {"cell_id": accepted["cell_id"], "label": "no", "annotator": "a", "updated_at": stamp},
+            {"cell_id": rejected["cell_id"], "label": "yes", "annotator": "a", "updated_at": stamp},
+        ],
+    }
+    final = full_nodes.apply_validated_models(full_cells, _store("seg-A"), labels, train).set_index("cell_id")
+    assert not final.loc[accepted["cell_id"], "is_cell"] and final.loc[rejected["cell_id"], "is_cell"]
+    assert final.loc[[accepted["cell_id"], rejected["cell_id"]], "decided_by"].tolist() == ["label", "label"]
+    assert (final.drop(index=[accepted["cell_id"], rejected["cell_id"]])["decided_by"] == "model").all()

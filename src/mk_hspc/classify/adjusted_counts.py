@@ -10,7 +10,9 @@ Knowl. Discov. 17:164-206)::
 Why: counting the accepted cells is biased whenever recall and precision differ (a classifier at recall 0.85
 and precision 0.97 under-counts by ~12% on every slide, which is larger than the 10% a study may need),
 whereas the adjusted count is unbiased when ``tpr`` and ``fpr`` hold on the slide. Both rates come from the
-validated model's out-of-fold predictions on held-out slides (the same numbers its gates judged).
+validated model's out-of-fold predictions on held-out tiles of the labelled slides (where the full run applies
+it; the gates judge held-out slides, which is pessimistic for the study's own slides). Candidates a person
+labelled are counted by their label and take no correction.
 
 Assumption (stated in the README): the labelled candidates are representative of all candidates (a random
 or full-page sample). Labels picked for uncertainty (an active-learning batch) make the held-out rates
@@ -44,21 +46,41 @@ def add_adjusted_counts(
     """``counts`` (per slide and cell type, with ``n_cells`` and ``tissue_mm2``) plus ``n_candidates``,
     ``n_cells_adjusted`` and ``density_adjusted_per_mm2``.
 
+    The adjusted count is the cells people labelled ``yes`` plus the adjusted count of the candidates the
+    model decided (``decided_by``; every candidate when the column is absent).
+
     Args:
         counts: the per-slide table of :func:`mk_hspc.counts.count_cells`.
         final_cells: every classified candidate (``slide``, ``cell_type``).
         rates: ``cell_type -> (tpr, fpr)`` of the model that classified that type.
     """
-    n_candidates = final_cells.groupby(
-        [final_cells["slide"].astype(str), final_cells["cell_type"].astype(str)]
-    ).size()
+    by = [final_cells["slide"].astype(str), final_cells["cell_type"].astype(str)]
     keys = pd.MultiIndex.from_frame(counts[["slide", "cell_type"]].astype(str))
-    table = counts.assign(n_candidates=n_candidates.reindex(keys, fill_value=0).to_numpy("int64"))
+
+    def per_row(values: pd.Series) -> np.ndarray:
+        return values.groupby(by).sum().reindex(keys, fill_value=0).to_numpy("float64")
+
+    n_candidates = per_row(pd.Series(1, index=final_cells.index))
+    if "decided_by" in final_cells.columns:
+        # The correction is for the model's errors, so it applies to the cells the model decided; cells
+        # people labelled count as labelled.
+        by_label = final_cells["decided_by"].astype(str).eq("label")
+        is_cell = final_cells["is_cell"].astype(bool)
+        labelled_yes = per_row(is_cell & by_label)
+        model_candidates = per_row(~by_label)
+        model_accepted = per_row(is_cell & ~by_label)
+    else:  # every candidate decided by the model: the accepted ones are the counts' n_cells
+        labelled_yes = np.zeros(len(keys))
+        model_candidates = n_candidates
+        model_accepted = counts["n_cells"].to_numpy("float64")
+    table = counts.assign(n_candidates=n_candidates.astype("int64"))
     adjusted = np.full(len(table), np.nan)
     for cell_type, (tpr, fpr) in rates.items():
         rows = (table["cell_type"] == cell_type).to_numpy()
-        adjusted[rows] = adjusted_count(table.loc[rows, "n_cells"], table.loc[rows, "n_candidates"], tpr, fpr)
-    adjusted[table["n_candidates"].to_numpy() == 0] = 0.0  # no candidates: no cells, whatever the rates
+        adjusted[rows] = labelled_yes[rows] + adjusted_count(
+            model_accepted[rows], model_candidates[rows], tpr, fpr
+        )
+    adjusted[n_candidates == 0] = 0.0  # no candidates: no cells, whatever the rates
     table["n_cells_adjusted"] = np.round(adjusted, 1)
     area = table["tissue_mm2"].where(table["tissue_mm2"] > 0)
     table["density_adjusted_per_mm2"] = table["n_cells_adjusted"] / area

@@ -199,7 +199,8 @@ class LoadedModel:
     run_id: str
     feature_names: list[str]
     sha256: str
-    # held-out (out-of-fold) rates of its training run at the decision threshold: the adjusted counts' inputs
+    # out-of-fold rates of its training run at the decision threshold on held-out tiles of the labelled slides
+    # (held-out slides for older runs): the adjusted counts' inputs
     recall: float = float("nan")
     false_positive_rate: float = float("nan")
     # what the gates judged: the decision threshold, and the segmentation (tile store ``params_hash``) that
@@ -329,8 +330,16 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
         version.run_id,
         [c["name"] for c in inputs],
         sha,
-        recall=float(run.data.metrics.get("recall", float("nan"))),
-        false_positive_rate=float(run.data.metrics.get("false_positive_rate", float("nan"))),
+        # The rates where the model is applied (other tiles of the labelled slides); a run from before they
+        # were measured has the held-out-slide ones only.
+        recall=float(
+            run.data.metrics.get("recall_within_slides", run.data.metrics.get("recall", float("nan")))
+        ),
+        false_positive_rate=float(
+            run.data.metrics.get(
+                "false_positive_rate_within_slides", run.data.metrics.get("false_positive_rate", float("nan"))
+            )
+        ),
         decision_threshold=(
             float(run.data.params["decision_threshold"]) if "decision_threshold" in run.data.params else None
         ),

@@ -7,11 +7,13 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from mk_hspc.classify import results
 from mk_hspc.classify.adjusted_counts import add_adjusted_counts
+from mk_hspc.classify.labels import labels_table, resolve_labels
 from mk_hspc.classify.tracking import load_validated_model, newer_failed_run, resolve_store
 from mk_hspc.counts import count_cells
 from mk_hspc.datasets.tile_store import TileStore
@@ -28,9 +30,12 @@ def make_full_tile_sample(tile_index: pd.DataFrame) -> pd.DataFrame:
 
 
 def apply_validated_models(
-    full_cells: pd.DataFrame, full_tile_store: TileStore, train: Mapping[str, Any]
+    full_cells: pd.DataFrame, full_tile_store: TileStore, labels: Mapping[str, Any], train: Mapping[str, Any]
 ) -> pd.DataFrame:
     """Every candidate with ``probability`` (P(yes) from its type's validated model) and ``is_cell``.
+
+    A candidate a person labelled keeps that decision (``decided_by``: ``label``; ``yes``/``no`` agreed by its
+    annotators, as training resolves them): the model is for the cells nobody looked at (``model``).
 
     Raises:
         ModelNotValidatedError: a cell type has no registered model that passed its gates, or its gates were
@@ -38,6 +43,8 @@ def apply_validated_models(
     """
     store = resolve_store(train["mlflow"])
     threshold = float(train["decision_threshold"])
+    decided, _ = resolve_labels(labels_table(labels))
+    human = decided.set_index("cell_id")["label"]
     frames = []
     for classifier in train["classifiers"].values():
         cell_type = classifier["cell_type"]
@@ -57,6 +64,13 @@ def apply_validated_models(
         )
         features = candidate_features(cells, full_tile_store, feature_set)
         classified = results.classify_cells(cells, features, loaded.model, loaded.feature_names, threshold)
+        label = human.reindex(classified["cell_id"].astype(str)).to_numpy()
+        labelled = pd.notna(label)
+        classified = classified.assign(
+            label=np.where(labelled, label, ""),
+            decided_by=np.where(labelled, "label", "model"),
+            is_cell=np.where(labelled, label == "yes", classified["is_cell"].to_numpy(bool)),
+        )
         frames.append(
             classified.assign(
                 model_version=loaded.version,
@@ -65,8 +79,8 @@ def apply_validated_models(
                 model_false_positive_rate=loaded.false_positive_rate,
             )
         )
-        logger.info("%s: %d of %d candidates accepted by %s version %d",
-                    cell_type, int(classified["is_cell"].sum()), len(classified),
+        logger.info("%s: %d of %d candidates are cells (%d labelled by people, the rest by %s version %d)",
+                    cell_type, int(classified["is_cell"].sum()), len(classified), int(labelled.sum()),
                     loaded.registered_model, loaded.version)  # fmt: skip
     return pd.concat(frames, ignore_index=True) if frames else full_cells.iloc[:0]
 

@@ -25,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 nodes.apply_validated_models,
-                ["full_cells", "full_tile_store", "params:train"],
+                ["full_cells", "full_tile_store", "labels", "params:train"],
                 "final_cells",
                 name="apply_validated_models",
             ),

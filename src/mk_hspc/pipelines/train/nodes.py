@@ -113,6 +113,13 @@ def train_classifier(
             threshold=float(train["decision_threshold"]),
         )  # fmt: skip
         model = training.fit_final(training_set, estimator)
+        # For the full run's adjusted counts (not a gate): the rates on held-out tiles of these slides.
+        validation.metrics.update(
+            training.within_slide_rates(
+                training_set, estimator, n_splits=int(train["cv_splits"]),
+                threshold=float(train["decision_threshold"]),
+            )
+        )  # fmt: skip
     seconds = time.perf_counter() - started
     figure = training.validation_figure(validation, cell_type.upper(), float(train["decision_threshold"]))
     example = training.feature_matrix(training_set).head(5) if model is not None else None
