@@ -623,3 +623,16 @@ def test_ungrouped_slides_are_not_compared_as_a_group() -> None:
     row = results.group_comparison(counts).iloc[0]
     assert "ungrouped" not in row["levels"].split(", "), row.to_dict()
     assert row["test"] == "Mann-Whitney U"
+
+
+def test_simulated_labels_refuse_slides_the_demo_ground_truth_does_not_describe() -> None:
+    """A lab's study with the demo's ground truth still in data/01_raw: every candidate was labelled `no`."""
+    from mk_hspc.pipelines.simulate_labels.nodes import simulate_demo_labels
+
+    cells = make_cells(n_slides=2)
+    truth = pd.DataFrame(
+        {"slide": ["demo_00"], "cell_type": ["mk"], "centroid_x_px": [10.0], "centroid_y_px": [10.0]}
+    )
+    annotator = {"radius_um": {"mk": 12.0, "hspc": 4.0}, "seed": 0, "n_per_type": None}
+    with pytest.raises(ValueError, match=r"1 of the 2 slides.*demo_01"):
+        simulate_demo_labels(cells, truth, {}, annotator)

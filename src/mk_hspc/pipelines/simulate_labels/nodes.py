@@ -16,7 +16,20 @@ def simulate_demo_labels(
     slide_meta: dict[str, dict[str, Any]],
     simulated_annotator: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Yes/No for the picked candidates, from the demo's ground truth (see ``classify.simulated``)."""
+    """Yes/No for the picked candidates, from the demo's ground truth (see ``classify.simulated``).
+
+    Raises:
+        ValueError: the ground truth describes none of the cells' slides (a lab's study with the demo's
+            ground truth still in the folder would otherwise get every candidate labelled ``no``).
+    """
+    slides = set(cells["slide"].astype(str))
+    described = slides & set(demo_ground_truth["slide"].astype(str))
+    if slides and described != slides:
+        raise ValueError(
+            f"the demo ground truth describes {len(described)} of the {len(slides)} slides of the cells table "
+            f"(missing e.g. {sorted(slides - described)[:3]}): simulated labels are for the demo study only, "
+            "never for a lab's slides; label those with `kedro annotate`"
+        )
     matched = true_matches(cells, demo_ground_truth, slide_meta, simulated_annotator["radius_um"])
     n_per_type = simulated_annotator.get("n_per_type")
     picked = pick_cells(
