@@ -219,3 +219,44 @@ def test_a_timestamp_out_of_range_in_utc_gets_a_4xx_not_a_500(server, time: str)
     reply = post(client, [{"event_id": "e", "cell_id": A, "label": "yes", "time": time}])
     assert reply.status_code == 422, reply.status_code  # today: 500 (OverflowError from astimezone)
     assert store.count_events() == 0
+
+
+def test_exporting_the_store_never_drops_labels_only_the_file_holds(tmp_path: Path) -> None:
+    """`kedro annotate export` (and POST /api/export) wrote the store's labels over labels.json: 5,212 simulated
+    labels were replaced by 2 clicks without a word. Now it refuses, naming how to keep them."""
+    from mk_hspc.annotate.cli import LabelsWouldBeLostError, _save_labels
+    from mk_hspc.datasets.atomic import AtomicDataset
+
+    class Catalog:
+        def __init__(self) -> None:
+            self.labels = AtomicDataset("json.JSONDataset", str(tmp_path / "labels.json"))
+
+        def get(self, name):
+            return self.labels
+
+        def exists(self, name):
+            return self.labels.exists()
+
+        def load(self, name):
+            return self.labels.load()
+
+        def save(self, name, data):
+            self.labels.save(data)
+
+    def entry(cell, label, when="2026-01-01T00:00:00.000000Z"):
+        return {"cell_id": cell, "label": label, "annotator": "ann", "updated_at": when}
+
+    catalog = Catalog()
+    simulated = {"version": 1, "labels": [entry(A, "yes"), entry(B, "no")]}
+    catalog.save("labels", simulated)
+    clicks = {"version": 1, "labels": [entry(A, "no", "2026-02-01T00:00:00.000000Z")]}
+    with pytest.raises(
+        LabelsWouldBeLostError, match=r"1 label\(s\) the label store lacks.*kedro annotate import"
+    ):
+        _save_labels(catalog, clicks)
+    assert catalog.load("labels") == simulated  # nothing written
+    both = {"version": 1, "labels": [clicks["labels"][0], entry(B, "no")]}
+    _save_labels(catalog, both)  # the store holds everything (A newer): written
+    assert catalog.load("labels") == both
+    _save_labels(catalog, clicks, replace=True)  # asked for
+    assert catalog.load("labels") == clicks

@@ -254,7 +254,10 @@ def create_app(
         if save_labels is None:
             return _error(404, "this server was started without a labels dataset")
         payload = await run_in_threadpool(store.payload)
-        where = await run_in_threadpool(save_labels, payload)
+        try:
+            where = await run_in_threadpool(save_labels, payload)
+        except ValueError as exc:  # e.g. the file holds labels the store lacks: nothing written
+            return _error(409, str(exc))
         return JSONResponse({"labels": len(payload["labels"]), "written": where})
 
     async def static(request: Request) -> Response:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import click
+
+logger = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -32,9 +35,42 @@ def _context(metadata: Any, env: str | None) -> Any:
     return session.load_context()
 
 
-def _save_labels(catalog: Any, payload: dict[str, Any]) -> str:
+class LabelsWouldBeLostError(click.ClickException, ValueError):
+    """Writing the labels dataset from the store would drop labels the current file holds."""
+
+
+def labels_only_in(current: dict[str, Any], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Entries of the ``current`` labels document that ``payload`` lacks or holds in an older version."""
+    newest = {(e["cell_id"], e["annotator"]): e["updated_at"] for e in payload.get("labels", [])}
+    return [
+        e
+        for e in current.get("labels", [])
+        if (e["cell_id"], e["annotator"]) not in newest
+        or e["updated_at"] > newest[(e["cell_id"], e["annotator"])]
+    ]
+
+
+def _save_labels(catalog: Any, payload: dict[str, Any], *, replace: bool = False) -> str:
+    """Write the labels dataset from the label store's ``payload``, refusing (unless ``replace``) when the file
+    holds labels the store lacks: labels written by another route (the demo's simulated labels, a copied
+    file) would otherwise be dropped without a word."""
+    where = str(catalog.get("labels")._describe().get("filepath"))
+    if not replace and catalog.exists("labels"):
+        try:
+            current = catalog.load("labels")
+        except Exception as exc:  # noqa: BLE001 - a stale or edited file holds nothing trustworthy to keep
+            logger.warning("replacing %s, which cannot be read as a labels dataset (%s)", where, exc)
+        else:
+            lost = labels_only_in(current, payload)
+            if lost:
+                raise LabelsWouldBeLostError(
+                    f"{where} holds {len(lost)} label(s) the label store lacks (e.g. {lost[0]['cell_id']} by "
+                    f"{lost[0]['annotator']}); writing the store's {len(payload['labels'])} would drop them. "
+                    f"Import them first (kedro annotate import {where}), or replace the file anyway "
+                    "(kedro annotate export --replace)."
+                )
     catalog.save("labels", payload)
-    return str(catalog.get("labels")._describe().get("filepath"))
+    return where
 
 
 def _default_annotator() -> str:
@@ -105,8 +141,9 @@ def annotate(
 
 
 @annotate.command(name="export")
+@click.option("--replace", is_flag=True, help="Write the store's labels even if the file holds others.")
 @click.pass_context
-def export_command(ctx: click.Context) -> None:
+def export_command(ctx: click.Context, replace: bool) -> None:
     """Write the catalog's `labels` (latest label per cell and annotator) from the label store."""
     context = _context(ctx.find_root().obj, ctx.parent.meta.get("mk_hspc_env"))
     store = context.catalog.load("label_store")
@@ -114,7 +151,7 @@ def export_command(ctx: click.Context) -> None:
         payload = store.payload()
     finally:
         store.close()
-    where = _save_labels(context.catalog, payload)
+    where = _save_labels(context.catalog, payload, replace=replace)
     click.echo(f"{len(payload['labels'])} labels written to {where}")
 
 
