@@ -142,8 +142,10 @@ def check_parameters_are_current(
                 raise StaleInputError(
                     f"Node {node_name!r}: its input {name!r} was built with another {ancestor!r} ({recorded}) "
                     f"than this run's ({current or 'not set'}): it is stale (the parameters changed and the "
-                    f"nodes that build it have not run since, or were interrupted). Rerun from {ancestor!r} "
-                    f"(kedro run --from-inputs {ancestor}) or the whole pipeline."
+                    f"nodes that build it have not run since, or were interrupted). If it was built with a "
+                    f"one-off --params or --env, pass the same to this run too (or put the value in "
+                    f"conf/local); otherwise rerun from {ancestor!r} (kedro run --from-inputs {ancestor}) or "
+                    "the whole pipeline."
                 )
 
 
