@@ -207,3 +207,18 @@ def test_slides_are_closed_when_the_tissue_stage_fails_and_when_it_succeeds(zstd
     opened.clear()
     make_tissue_maps(loaders, meta, ingestion_params(zstd_study, skip_bad_slides=True))
     assert_all_closed(opened)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_lab_slides_folder_without_slides_names_the_folder_not_the_demo(
+    tmp_path: Path, exists: bool
+) -> None:
+    """globals: slides_dir pointing at a missing (typo, unmounted share) or empty folder said
+    'demo.out_dir/slides ... must be the slides folder', which points a lab at the demo."""
+    raw = tmp_path / "raw"
+    lab = tmp_path / "scanner" / "study1"
+    if exists:
+        lab.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=("holds no .czi" if exists else "does not exist")) as refused:
+        prepare_demo_slides(demo_params(raw), str(lab))
+    assert str(lab) in str(refused.value) and "slides_dir" in str(refused.value)

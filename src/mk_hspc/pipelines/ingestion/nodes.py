@@ -72,8 +72,13 @@ def prepare_demo_slides(demo: dict[str, Any], slides_dir: str) -> dict[str, Any]
             "(or set demo.generate_if_empty: true to run on the demo study)"
         )
     if not demo_slides_dir:
-        raise ValueError(
-            f"demo.out_dir/slides ({out_dir / 'slides'}) must be the slides folder ({slides_path})"
+        # A slides folder of the lab's own (globals: slides_dir) with no slides: a typo, an unmounted share,
+        # or a scan still copying; the demo is written only into its own folder, so say what is missing.
+        state = "does not exist" if not slides_path.exists() else "holds no .czi files (any letter case)"
+        raise FileNotFoundError(
+            f"No slides: the slides folder {slides_path.resolve()} {state}. Check globals: slides_dir "
+            f"(conf/local/globals.yml); the demo study is written only when the slides folder is "
+            f"demo.out_dir/slides ({out_dir / 'slides'})."
         )
     if Path(demo["slide_sheet"]).resolve() != (out_dir / "slide_sheet.csv").resolve():
         raise ValueError(
