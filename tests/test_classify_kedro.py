@@ -131,8 +131,12 @@ def test_poor_labels_fail_a_gate_are_not_registered_and_full_refuses(project: Pa
             assert store.get_run(report["run_id"]).data.tags["passed"] == "false"
             with pytest.raises(mlflow.exceptions.MlflowException):
                 store.get_model_version_by_alias(f"mk_hspc_{cell_type}", VALIDATED_ALIAS)
+        full_store = project / "data" / "03_primary" / "tile_store_full.manifest.json"
+        before = full_store.stat().st_mtime_ns if full_store.exists() else None
         with pytest.raises(AssertionError, match="has passed its validation gates"):
             kedro(project, "run", "--pipelines", "full", "--params", f"{RUN},{POOR_STORE}")
+        # Refused before the full run segments a single tile (hours on a real study): its store untouched.
+        assert (full_store.stat().st_mtime_ns if full_store.exists() else None) == before
     finally:
         AtomicDataset("json.JSONDataset", str(labels_path)).save(good)
 

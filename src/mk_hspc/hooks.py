@@ -50,6 +50,11 @@ class ParameterValidationHooks:
 
             segmenters, _ = build_plugins(parameters["segmentation"])
             check_overlap_covers_cells(segmenters, float(parameters["ingestion"]["tiles"]["largest_cell_um"]))
+        if any(node.name == "apply_validated_models" for node in pipeline.nodes):
+            # Before the full run segments every tissue tile: a model it would refuse is refused now.
+            from mk_hspc.pipelines.full.nodes import check_models_before_the_full_run
+
+            check_models_before_the_full_run(parameters["train"], parameters["segmentation"])
 
 
 class StaleInputError(RuntimeError):
