@@ -384,7 +384,8 @@ def segment_tiles(
     if totals.get(WIDER):
         logger.warning(
             "%d cell(s) were wider than the tile overlap: they are kept and flagged (wider_than_overlap) but "
-            "may be cut or counted twice; raise ingestion.tiles.largest_cell_um above the largest cell",
+            "may be cut or counted twice; the cells table lists them (wider_than_overlap, with bbox_w / bbox_h "
+            "in px); raise ingestion.tiles.largest_cell_um above the largest one's width in µm",
             totals[WIDER],
         )
     return RunSummary(
