@@ -260,3 +260,20 @@ def test_exporting_the_store_never_drops_labels_only_the_file_holds(tmp_path: Pa
     assert catalog.load("labels") == both
     _save_labels(catalog, clicks, replace=True)  # asked for
     assert catalog.load("labels") == clicks
+
+
+def test_annotate_before_any_export_says_to_export_first() -> None:
+    """`kedro annotate` with no exported site ended in a traceback."""
+    import click
+    from kedro.io import DatasetError
+
+    from mk_hspc.annotate.cli import _load_site
+
+    class NoSite:
+        def load(self, name):
+            raise DatasetError(
+                "data/08_reporting/annotation_site does not exist; run the pipeline that writes it"
+            )
+
+    with pytest.raises(click.ClickException, match="kedro run --pipelines export"):
+        _load_site(NoSite())

@@ -73,6 +73,18 @@ def _save_labels(catalog: Any, payload: dict[str, Any], *, replace: bool = False
     return where
 
 
+def _load_site(catalog: Any) -> Any:
+    """The exported annotation site, or a clear message (not a traceback) when there is none yet."""
+    from kedro.io import DatasetError
+
+    try:
+        return catalog.load("annotation_site")
+    except (DatasetError, OSError) as exc:
+        raise click.ClickException(
+            f"no annotation site to serve ({exc}); export one first: kedro run --pipelines export"
+        ) from None
+
+
 def _default_annotator() -> str:
     try:
         return getpass.getuser()
@@ -118,7 +130,7 @@ def annotate(
     context = _context(metadata, env)
     catalog = context.catalog
     conf = _annotate_params(context.params)
-    site = catalog.load("annotation_site")
+    site = _load_site(catalog)
     store = catalog.load("label_store")
     host = host or conf["host"]
     port = int(conf["port"] if port is None else port)
@@ -165,14 +177,22 @@ def import_command(ctx: click.Context, files: tuple[Path, ...]) -> None:
     from mk_hspc.labels.contract import parse_label_file
 
     context = _context(ctx.find_root().obj, ctx.parent.meta.get("mk_hspc_env"))
-    site = context.catalog.load("annotation_site")
+    site = _load_site(context.catalog)
     store = context.catalog.load("label_store")
     try:
         for file in files:
             try:
                 events = parse_label_file(json.loads(file.read_text(encoding="utf-8")), source=str(file))
-            except ValueError as exc:
-                raise click.ClickException(f"{file}: {exc}") from None
+            except json.JSONDecodeError as exc:
+                raise click.ClickException(f"{file}: not valid JSON ({exc})") from None
+            except ValueError as exc:  # the parser's messages start with the file already
+                raise click.ClickException(str(exc)) from None
+            if not events:
+                click.echo(
+                    f"{file}: no labels in it (a Label Studio export holds them in each task's 'annotations'; "
+                    "the tasks file written for import into Label Studio has none)"
+                )
+                continue
             unknown = sorted({e.cell_id for e in events} - set(site.cells))
             if unknown:
                 raise click.ClickException(
