@@ -87,3 +87,16 @@ def test_failed_tiles_count_no_area_and_are_reported_per_slide(tile_sample: pd.D
     by_slide = counts.set_index("slide")
     assert by_slide.loc["b", "n_failed_tiles"] == 1 and by_slide.loc["a", "n_failed_tiles"] == 0
     assert by_slide.loc["b", "sampled_tissue_mm2"] == 0.0 and pd.isna(by_slide.loc["b", "density_per_mm2"])
+
+
+def test_a_slide_without_sampled_tissue_is_marked_on_the_plot(tile_sample: pd.DataFrame) -> None:
+    """Its density is NaN: the bar slot was empty, which reads as zero."""
+    cells = pd.DataFrame({"slide": ["a"], "cell_type": ["mk"]})
+    counts = count_cells(cells, tile_sample[tile_sample["slide"] == "a"], META, GROUPS, ["mk"])
+    assert (
+        counts.set_index("slide").loc["b", "density_per_mm2"]
+        != counts.set_index("slide").loc["b", "density_per_mm2"]
+    )
+    figure = cell_counts_figure(counts)
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert texts == ["no tissue\nsampled"]

@@ -99,6 +99,11 @@ def cell_counts_figure(counts: pd.DataFrame) -> Figure:
     for ax, cell_type in zip(axes[0], cell_types, strict=False):
         rows = counts[counts["cell_type"] == cell_type].sort_values(["group", "slide"])
         ax.bar(rows["slide"], rows["density_per_mm2"], color=[colours[g] for g in rows["group"]])
+        # A slide no sampled tile fell on has no density: said on the plot, not left as an empty slot
+        # that reads as zero.
+        for slide in rows.loc[rows["density_per_mm2"].isna(), "slide"]:
+            ax.annotate("no tissue\nsampled", (slide, 0), xytext=(0, 4), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7, color="0.4", rotation=90)  # fmt: skip
         ax.set_title(f"{CELL_TYPE_TITLES.get(cell_type, cell_type)}: density in sampled tissue", fontsize=10)
         ax.set_ylabel("cells / mm²")
         ax.tick_params(axis="x", rotation=60, labelsize=8)
