@@ -277,3 +277,21 @@ def test_annotate_before_any_export_says_to_export_first() -> None:
 
     with pytest.raises(click.ClickException, match="kedro run --pipelines export"):
         _load_site(NoSite())
+
+
+def test_annotate_warns_when_the_site_was_exported_from_another_cells_table(tmp_path: Path) -> None:
+    """After switching studies (or segmenting again) `kedro annotate` served the old site without a word."""
+    from mk_hspc.annotate.cli import _site_behind_cells
+    from mk_hspc.datasets.atomic import AtomicDataset
+
+    cells = AtomicDataset("json.JSONDataset", str(tmp_path / "cells.json"))
+    cells.save({"cells": 1})
+    site = AtomicDataset("json.JSONDataset", str(tmp_path / "site.json"))
+    site.lineage = {"cells": str(cells.verified_manifest()["digest"])[:16]}
+    site.save({"site": 1})
+    catalog = type(
+        "Catalog", (), {"get": lambda self, name: {"cells": cells, "annotation_site": site}[name]}
+    )()
+    assert _site_behind_cells(catalog) is None
+    cells.save({"cells": 2})  # a new study's candidates
+    assert "kedro run --pipelines export" in _site_behind_cells(catalog)

@@ -85,6 +85,23 @@ def _load_site(catalog: Any) -> Any:
         ) from None
 
 
+def _site_behind_cells(catalog: Any) -> str | None:
+    """Why the site may not show the current candidates (exported from another cells table: another study,
+    or segmentation run again since), or None when it was exported from the current one or cannot tell."""
+    try:
+        built_from = catalog.get("annotation_site").verified_manifest().get("lineage", {}).get("cells")
+        current = str(catalog.get("cells").verified_manifest()["digest"])[:16]
+    except Exception:  # noqa: BLE001 - no lineage or no cells table: nothing to compare
+        return None
+    if built_from is None or built_from == current:
+        return None
+    return (
+        f"the annotation site was exported from another cells table ({built_from}) than the current one "
+        f"({current}): another study, or segmentation ran again since. Labels refer to the site's cells; "
+        "run `kedro run --pipelines export` to label the current candidates."
+    )
+
+
 def _default_annotator() -> str:
     try:
         return getpass.getuser()
@@ -144,6 +161,9 @@ def annotate(
         max_import_bytes=int(conf["max_import_bytes"]),
         allowed_hosts=list(LOOPBACK_HOSTS) if loopback else None,
     )
+    stale = _site_behind_cells(catalog)
+    if stale:
+        click.echo(f"Warning: {stale}", err=True)
     click.echo(f"Annotation site {site.root} ({len(site.cells)} cells), labels in {store.path}")
     click.echo(f"Open http://{host}:{port}/index.html  (Ctrl+C to stop)", err=False)
     try:
