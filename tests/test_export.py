@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from PIL import Image
@@ -291,3 +292,31 @@ def test_a_reused_site_renames_its_files_to_the_new_names(study: Study, tmp_path
         plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "image_format": "webp"}), fresh
     )
     assert all((folder / name).read_bytes() == (fresh / name).read_bytes() for name in on_disk)
+
+
+def test_the_next_batch_leads_the_pages_in_rank_order() -> None:
+    """`kedro run --pipelines export_next_batch`: the cells the classifier most needs come first; the rest
+    follow in the configured order, every cell exactly once."""
+    cells = pd.DataFrame(
+        {
+            "cell_id": [f"s_s0_r000_c000_mk_{i:05d}" for i in range(1, 8)],
+            "cell_type": "mk",
+            "slide": "s",
+            "tile_id": "s_s0_r000_c000",
+            "label": range(1, 8),
+            "score": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
+        }
+    )
+    first = ["s_s0_r000_c000_mk_00006", "s_s0_r000_c000_mk_00002", "other_s0_r000_c000_hspc_00001"]
+    pages = assign_pages(cells, ["mk"], 3, "score", 0, first=first)
+    assert pages["cell_id"].str[-1].tolist() == ["6", "2", "1", "3", "4", "5", "7"]
+    assert pages["page"].tolist() == [1, 1, 1, 2, 2, 2, 3]
+
+
+def test_a_next_batch_of_other_candidates_is_refused_naming_them() -> None:
+    from mk_hspc.pipelines.export_next_batch.nodes import build_next_batch_site
+
+    cells = pd.DataFrame({"cell_id": ["s_s0_r000_c000_mk_00001"]})
+    stale = pd.DataFrame({"cell_id": ["old_s0_r000_c000_mk_00009"], "batch_rank": [0]})
+    with pytest.raises(ValueError, match="old_s0_r000_c000_mk_00009"):
+        build_next_batch_site(cells, None, {}, stale, stale.iloc[:0], {})

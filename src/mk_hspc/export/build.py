@@ -144,7 +144,10 @@ def plan_site(
             f"{missing_tiles[:3]}; rerun segmentation"
         )
     selected = cells[cells["cell_type"].isin(cell_types)]
-    pages = assign_pages(selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]))
+    pages = assign_pages(
+        selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]),
+        first=list(export.get("first_cell_ids") or ()),
+    )  # fmt: skip
     image_format = export["image_format"]
     pool = SlidePool(slide_loaders)
     buffers = ArrayPool()

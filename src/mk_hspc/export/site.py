@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -93,26 +93,41 @@ def url(path: str) -> str:
     return "/".join(quote(part, safe="") for part in path.split("/"))
 
 
-def order_cells(cells: pd.DataFrame, order: str, seed: int) -> pd.DataFrame:
+def order_cells(cells: pd.DataFrame, order: str, seed: int, first: Sequence[str] = ()) -> pd.DataFrame:
     """The cells of one type in page order: ``score`` (highest first), ``slide`` (slide, tile, label) or
-    ``random`` (a permutation fixed by ``seed``); ties and the base order are by cell id, so it is stable."""
+    ``random`` (a permutation fixed by ``seed``); ties and the base order are by cell id, so it is stable.
+
+    ``first``: cell ids that lead, in that order (the next annotation batch), before the rest in ``order``.
+    """
     base = cells.sort_values("cell_id", kind="stable")
     if order == "score":
-        return base.sort_values("score", ascending=False, kind="stable")
-    if order == "slide":
-        return base.sort_values(["slide", "tile_id", "label"], kind="stable")
-    if order == "random":
-        return base.iloc[np.random.default_rng(seed).permutation(len(base))]
-    raise ValueError(f"export.order {order!r} is not one of {', '.join(ORDERS)}")
+        ordered = base.sort_values("score", ascending=False, kind="stable")
+    elif order == "slide":
+        ordered = base.sort_values(["slide", "tile_id", "label"], kind="stable")
+    elif order == "random":
+        ordered = base.iloc[np.random.default_rng(seed).permutation(len(base))]
+    else:
+        raise ValueError(f"export.order {order!r} is not one of {', '.join(ORDERS)}")
+    if not len(first):
+        return ordered
+    rank = ordered["cell_id"].astype(str).map({cell_id: i for i, cell_id in enumerate(first)})
+    leading = ordered[rank.notna()].iloc[np.argsort(rank[rank.notna()].to_numpy(), kind="stable")]
+    return pd.concat([leading, ordered[rank.isna()]])
 
 
 def assign_pages(
-    cells: pd.DataFrame, cell_types: Iterable[str], page_size: int, order: str, seed: int
+    cells: pd.DataFrame,
+    cell_types: Iterable[str],
+    page_size: int,
+    order: str,
+    seed: int,
+    first: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Cells with ``page`` (1-based, per cell type) and ``position`` columns, in page order."""
+    """Cells with ``page`` (1-based, per cell type) and ``position`` columns, in page order (``first``: see
+    :func:`order_cells`)."""
     frames = []
     for cell_type in cell_types:
-        of_type = order_cells(cells[cells["cell_type"] == cell_type], order, seed)
+        of_type = order_cells(cells[cells["cell_type"] == cell_type], order, seed, first)
         positions = np.arange(len(of_type))
         frames.append(of_type.assign(page=positions // page_size + 1, position=positions % page_size))
     if not frames:
