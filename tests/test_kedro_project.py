@@ -211,3 +211,18 @@ def test_a_second_run_on_the_same_folder_is_refused(finished_copy: Path) -> None
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_every_pipeline_package_is_registered() -> None:
+    """A pipeline package that does not expose create_pipeline makes find_pipelines(raise_errors=True) fail
+    every `kedro run`, whichever pipeline is asked for."""
+    import importlib
+    import pkgutil
+
+    import mk_hspc.pipelines
+
+    packages = {m.name for m in pkgutil.iter_modules(mk_hspc.pipelines.__path__) if m.ispkg}
+    assert "export_next_batch" in packages
+    for name in sorted(packages):  # what find_pipelines looks for in each package
+        module = importlib.import_module(f"mk_hspc.pipelines.{name}")
+        assert callable(getattr(module, "create_pipeline", None)), f"mk_hspc.pipelines.{name}"
