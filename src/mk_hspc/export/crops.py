@@ -141,19 +141,25 @@ def outline_polygon(mask: np.ndarray, tolerance_px: float = 0.5) -> list[tuple[f
     area less the cut corners; it is then simplified (Douglas-Peucker, ``tolerance_px``). Pixel (i, j) spans
     ``[j, j+1] x [i, i+1]``: the coordinate frame QuPath and GeoJSON consumers expect.
     """
+    return [(float(x), float(y)) for x, y in outline_array(mask, tolerance_px)]
+
+
+def outline_array(mask: np.ndarray, tolerance_px: float = 0.5) -> np.ndarray:
+    """:func:`outline_polygon` as an ``(n, 2)`` float array of (x, y) (no per-point Python objects)."""
     if not mask.any():
-        return []
-    padded = np.pad(mask.astype(np.float32), 1)
+        return np.zeros((0, 2))
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
+    padded[1:-1, 1:-1] = mask
     contours = find_contours(padded, 0.5)
-    contour = max(contours, key=lambda c: _shoelace(c))
+    contour = contours[0] if len(contours) == 1 else max(contours, key=_shoelace)
     contour = cv2.approxPolyDP(contour.astype(np.float32)[:, None, :], tolerance_px, True)[:, 0, :]
-    # -1 for the padding, +0.5 from pixel centres to pixel corners.
-    return [(float(col - 0.5), float(row - 0.5)) for row, col in contour]
+    # -1 for the padding, +0.5 from pixel centres to pixel corners; (row, col) -> (x, y).
+    return contour[:, ::-1].astype(np.float64) - 0.5
 
 
 def _shoelace(points: np.ndarray) -> float:
     y, x = points[:, 0], points[:, 1]
-    return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2.0
+    return abs(float(np.dot(x[1:], y[:-1]) + x[0] * y[-1] - np.dot(y[1:], x[:-1]) - y[0] * x[-1])) / 2.0
 
 
 def display_outline(mask: np.ndarray, output_px: int) -> str:

@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mk_hspc.datasets.tile_store import TileStore
-from mk_hspc.export.crops import outline_polygon
+from mk_hspc.export.crops import outline_array
 from mk_hspc.export.site import crop_path, url
 
 CELL_ID_NAMESPACE = uuid.UUID("7c1c7f0e-5a7b-4f43-9d0c-0b8d3c2f6a51")
@@ -41,10 +42,8 @@ def qupath_features(
             labels = result.labels[str(cell.cell_type)]
             x0, y0 = int(cell.bbox_x) - wx, int(cell.bbox_y) - wy
             mask = labels[y0 : y0 + int(cell.bbox_h), x0 : x0 + int(cell.bbox_w)] == int(cell.label)
-            ring = [
-                [round(x + cell.bbox_x - bbox_xy[0], 2), round(y + cell.bbox_y - bbox_xy[1], 2)]
-                for x, y in outline_polygon(mask, tolerance_px)
-            ]
+            offset = (cell.bbox_x - bbox_xy[0], cell.bbox_y - bbox_xy[1])
+            ring = np.round(outline_array(mask, tolerance_px) + offset, 2).tolist()
             if len(ring) < 4:
                 continue
             if ring[0] != ring[-1]:
