@@ -222,3 +222,24 @@ def test_a_lab_slides_folder_without_slides_names_the_folder_not_the_demo(
     with pytest.raises(FileNotFoundError, match=("holds no .czi" if exists else "does not exist")) as refused:
         prepare_demo_slides(demo_params(raw), str(lab))
     assert str(lab) in str(refused.value) and "slides_dir" in str(refused.value)
+
+
+def test_a_grey_fluorescence_slide_is_a_bad_slide_named_or_skipped(tmp_path: Path, shared_data: Path) -> None:
+    """A Gray16 fluorescence mosaic was accepted: its dark background scored as tissue (a 100 % map) and,
+    pooled into the one study threshold, moved a brightfield slide's tissue share from 42 % to 0 %."""
+    import shutil
+
+    from mk_hspc.pipelines.ingestion.nodes import open_slides
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(shared_data / "aicspylibczi" / "RGB-multichannel.czi", folder / "bright.czi")
+    shutil.copy(shared_data / "aicspylibczi" / "mosaic_test.czi", folder / "fluo.czi")
+    loaders = SlideFolderDataset(path=str(folder)).load()
+    with (
+        pytest.raises(CziSlideError, match=r"fluo\.czi.*Gray16.*brightfield RGB"),
+        open_slides(loaders, False),
+    ):
+        pass
+    with open_slides(loaders, skip_bad_slides=True) as slides:
+        assert sorted(slides) == ["bright"]

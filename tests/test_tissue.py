@@ -343,3 +343,23 @@ def test_shared_czi_with_two_far_apart_scenes_thumbnail():
     expected_valid = sum(round(box.w / 8) * round(box.h / 8) for box in meta.scenes)
     assert abs(int(thumb.valid.sum()) - expected_valid) <= 2 * sum(box.w + box.h for box in meta.scenes) / 8
     assert thumb.valid.mean() < 0.5  # the gap between the scenes is never read
+
+
+def test_tissue_reaching_the_scene_edge_counts_in_the_last_cores_fraction() -> None:
+    """Scene 1007 px wide at 0.25 µm/px (map downsample 32): 1007 = 31 x 32 + 15, and the thumbnail read gave
+    round(1007 / 32) = 31 columns, so the map's last column was never read: the last core, all tissue, got a
+    tissue fraction of 0.889."""
+    from mk_hspc.tiling import build_tile_grid
+    from mk_hspc.tissue import read_slide_thumbnail, slide_tissue_score, tissue_map_from_thumbnail
+
+    width = 1007
+    canvas = np.full((1300, width, 3), (238, 238, 242), np.uint8)
+    canvas[:, 600:] = (150, 80, 160)  # tissue from x = 600 to the scene's right edge
+    slide = FakeSlide("s", canvas, pixel_size_um=0.25)
+    thumb = read_slide_thumbnail(slide, 8.0)
+    tissue_map = tissue_map_from_thumbnail(thumb, slide_tissue_score(thumb), threshold=0.1)
+    meta = {"name": "s", "pixel_size_um": 0.25, "scenes": [{"x": 0, "y": 0, "w": width, "h": 1300}]}
+    grid = build_tile_grid({"s": meta}, {"s": tissue_map}, tile_px=1000, overlap_um=60)
+    last = grid[grid["col"] == grid["col"].max()].iloc[0]
+    assert last["core_x"] >= 600  # the whole core is tissue
+    assert last["core_tissue_fraction"] >= 0.97 and last["tissue_fraction"] >= 0.97

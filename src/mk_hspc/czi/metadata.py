@@ -185,6 +185,25 @@ def _positive(path: str, value: float, key: str) -> float:
     return float(value)
 
 
+BRIGHTFIELD_PIXEL_TYPES = ("Bgr24", "Bgr48")
+
+
+def check_brightfield(meta: SlideMeta) -> None:
+    """Raise `CziSlideError` for a slide that is not a brightfield RGB image (a grey, e.g. fluorescence, scan).
+
+    Tissue detection scores optical density against white glass and the segmenters unmix H&E: a dark-
+    background grey slide became 100 % "tissue", and pooled into the study's one tissue threshold it moved
+    the threshold for every other slide (a real Gray16 mosaic took a brightfield slide from 42 % to 0 %).
+    """
+    if meta.pixel_type not in BRIGHTFIELD_PIXEL_TYPES:
+        raise CziSlideError(
+            meta.path,
+            f"is a {meta.pixel_type} (grey, e.g. fluorescence) image; mk-hspc reads brightfield RGB slides "
+            f"({' or '.join(BRIGHTFIELD_PIXEL_TYPES)}, e.g. H&E); remove it from the slides folder or set "
+            "ingestion.skip_bad_slides: true",
+        )
+
+
 def check_plausible_pixel_size(meta: SlideMeta, plausible_um: tuple[float, float]) -> None:
     """Raise `CziSlideError` when ``meta.pixel_size_um`` lies outside ``plausible_um`` (inclusive).
 

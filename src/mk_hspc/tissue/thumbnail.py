@@ -152,7 +152,15 @@ def read_slide_thumbnails_or_errors(
         for block, pixels in zip(blocks, pool.map(read, blocks), strict=True):
             if pixels is None:
                 continue
-            rgb, valid, _ = canvases[block.slide_index]
+            rgb, valid, downsample = canvases[block.slide_index]
+            # The reader returns round(size / downsample) pixels, so a block whose last map pixel holds less
+            # than half a map pixel of the scene comes back one short, and tissue at the scene's right or
+            # bottom edge went missing from the last cores' fractions. That partial pixel takes its
+            # neighbour's value (edge replication, as the reader itself pads a bitmap one pixel short).
+            missing_rows = max(0, math.ceil(block.h / downsample) - pixels.shape[0])
+            missing_cols = max(0, math.ceil(block.w / downsample) - pixels.shape[1])
+            if (missing_rows or missing_cols) and pixels.size:
+                pixels = np.pad(pixels, ((0, missing_rows), (0, missing_cols), (0, 0)), mode="edge")
             rows = max(0, min(pixels.shape[0], rgb.shape[0] - block.row))
             cols = max(0, min(pixels.shape[1], rgb.shape[1] - block.col))
             rgb[block.row : block.row + rows, block.col : block.col + cols] = pixels[:rows, :cols]

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from mk_hspc.czi import CziSlide, CziSlideError, check_plausible_pixel_size
 from mk_hspc.czi.discovery import find_slides
+from mk_hspc.czi.metadata import check_brightfield
 from mk_hspc.slide_sheet import validate_slide_sheet
 from mk_hspc.tiling import build_tile_grid, sample_tiles
 from mk_hspc.tissue import TissueMap, build_tissue_maps, tissue_overlay_figure
@@ -96,11 +97,12 @@ def _open_checked(
     load: Callable[[], CziSlide], plausible_pixel_size_um: tuple[float, float] | None
 ) -> CziSlide:
     slide = load()
-    if plausible_pixel_size_um is not None:
-        with ExitStack() as stack:
-            stack.enter_context(slide)  # closed if the check fails
+    with ExitStack() as stack:
+        stack.enter_context(slide)  # closed if a check fails
+        check_brightfield(slide.meta)
+        if plausible_pixel_size_um is not None:
             check_plausible_pixel_size(slide.meta, plausible_pixel_size_um)
-            stack.pop_all()
+        stack.pop_all()
     return slide
 
 
@@ -137,7 +139,8 @@ def open_slides(
 
     A bad file (`CziSlideError` at open) stops the run, named, unless ``skip_bad_slides``: then it is
     skipped with a warning. With ``plausible_pixel_size_um``, a slide whose pixel size lies outside it is a
-    bad slide too (`check_plausible_pixel_size`).
+    bad slide too (`check_plausible_pixel_size`), as is one that is not a brightfield RGB image
+    (`check_brightfield`).
     """
     with ExitStack() as stack:
         yield _open_into(stack, raw_slides, skip_bad_slides, only, plausible_pixel_size_um)
