@@ -17,11 +17,13 @@ Why not a library: fsspec and kedro-datasets write in place; no Kedro plugin pro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,22 @@ SAVE_LOCK_TIMEOUT_S = 600
 def save_lock_path(final: Path) -> Path:
     """The lock a save of ``final`` holds (hidden, beside it; never a leftover to clean up)."""
     return final.with_name(f".{final.name}.save.lock")
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, timeout_s: float, busy: str) -> Iterator[None]:
+    """Hold the file lock ``path`` for the block; ``DatasetError(busy)`` when another holder keeps it past
+    ``timeout_s`` (0: at once). A new lock object per call, so it has its own descriptor and threads of one
+    process exclude each other too (the kernel frees it when a holder dies)."""
+    lock = FileLock(path, timeout=timeout_s)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise DatasetError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -211,20 +229,13 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
         final.parent.mkdir(parents=True, exist_ok=True)
         # One save of an output at a time, across threads and processes (the annotate server's export beside
         # `kedro annotate export` or a run, which hold no common lock): a second save's cleanup of leftovers
-        # would delete the first one's temporary sibling. A new lock object per call: its own descriptor, so
-        # threads of one process exclude each other too. The later save waits, then wins.
-        lock = FileLock(save_lock_path(final), timeout=SAVE_LOCK_TIMEOUT_S)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise DatasetError(
-                f"{final} is being written by another save for over {SAVE_LOCK_TIMEOUT_S} s "
-                f"(lock {save_lock_path(final)}); try again when it has finished"
-            ) from None
-        try:
+        # would delete the first one's temporary sibling. The later save waits, then wins.
+        busy = (
+            f"{final} is being written by another save for over {SAVE_LOCK_TIMEOUT_S} s "
+            f"(lock {save_lock_path(final)}); try again when it has finished"
+        )
+        with held_lock(save_lock_path(final), SAVE_LOCK_TIMEOUT_S, busy):
             self._save_locked(data)
-        finally:
-            lock.release()
 
     def _save_locked(self, data: Any) -> None:
         final = self._filepath

@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 from kedro.io import AbstractDataset, DatasetError
 
 from mk_hspc.atomic_io import write_json_atomic
-from mk_hspc.datasets.atomic import StaleOutputError, VerifiedOutput, manifest_path, read_manifest
+from mk_hspc.datasets.atomic import (
+    StaleOutputError,
+    VerifiedOutput,
+    held_lock,
+    manifest_path,
+    read_manifest,
+)
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.failpoints import failpoint
@@ -116,17 +121,9 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
         self._path.mkdir(parents=True, exist_ok=True)
         # The project's run lock covers data/; a store configured elsewhere (a shared disk) gets its own, so
         # two projects never write into, or clean the temporary files of, one store at once.
-        store_lock = FileLock(self._path / STORE_LOCK_NAME, timeout=0)
-        try:
-            store_lock.acquire()
-        except Timeout:
-            raise DatasetError(
-                f"tile store {self._path} is being written by another run; wait for it to finish"
-            ) from None
-        try:
+        busy = f"tile store {self._path} is being written by another run; wait for it to finish"
+        with held_lock(self._path / STORE_LOCK_NAME, 0, busy):
             self._save_locked(data)
-        finally:
-            store_lock.release()
 
     def _save_locked(self, data: SegmentationPlan) -> None:
         manifest_path(self._path).unlink(missing_ok=True)  # incomplete until this run has finished
