@@ -36,12 +36,6 @@ def cell_type_of(cell_id: str) -> str:
     return parts[1]
 
 
-def tile_of(cell_id: str) -> str:
-    """``tile_id`` part of ``f"{tile_id}_{cell_type}_{label:05d}"``."""
-    cell_type_of(cell_id)  # checks the layout
-    return str(cell_id).rsplit("_", 2)[0]
-
-
 def labels_table(document: Mapping[str, Any], *, source: str = "labels") -> pd.DataFrame:
     """The labels document as a table (``cell_id, cell_type, label, annotator, updated_at``), checked.
 

@@ -34,7 +34,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 from sklearn.model_selection import GroupKFold  # noqa: E402
 
-from mk_hspc.classify.labels import tile_of  # noqa: E402
+from mk_hspc.engine.cells_table import tile_of_cell  # noqa: E402
 
 ALLOWED_ESTIMATOR_PACKAGE = "sklearn."
 META_COLUMNS = ("cell_id", "slide", "y")
@@ -123,12 +123,7 @@ def cross_validate(
     probability = np.full(len(y), np.nan)
     folds = []
     for fold, (train_idx, valid_idx) in enumerate(grouped_splits(groups, n_splits)):
-        y_train = y[train_idx]
-        if len(np.unique(y_train)) < 2:  # one class only: the model can only say that class
-            probability[valid_idx] = float(y_train[0])
-        else:
-            model = clone(estimator).fit(X.iloc[train_idx], y_train)
-            probability[valid_idx] = model.predict_proba(X.iloc[valid_idx])[:, list(model.classes_).index(1)]
+        probability[valid_idx] = _fold_probability(estimator, X, y, train_idx, valid_idx)
         folds.append(
             {
                 "fold": fold,
@@ -140,6 +135,17 @@ def cross_validate(
     metrics = gate_metrics(y, probability, threshold)
     verdict, failing = judge(metrics, gates)
     return Validation(probability, y, metrics, verdict, not failing, failing, folds)
+
+
+def _fold_probability(
+    estimator: ClassifierMixin, X: pd.DataFrame, y: np.ndarray, train_idx: np.ndarray, valid_idx: np.ndarray
+) -> np.ndarray:
+    """P(yes) of the validation rows from a clone of ``estimator`` fitted on the training rows."""
+    y_train = y[train_idx]
+    if len(np.unique(y_train)) < 2:  # one class only: the model can only say that class
+        return np.full(len(valid_idx), float(y_train[0]))
+    model = clone(estimator).fit(X.iloc[train_idx], y_train)
+    return model.predict_proba(X.iloc[valid_idx])[:, list(model.classes_).index(1)]
 
 
 def within_slide_rates(
@@ -159,7 +165,7 @@ def within_slide_rates(
         one class).
     """
     y = training_set["y"].to_numpy(dtype=int)
-    tiles = np.array([tile_of(c) for c in training_set["cell_id"].astype(str)])
+    tiles = np.array([tile_of_cell(c) for c in training_set["cell_id"].astype(str)])
     unknown = {"recall_within_slides": float("nan"), "false_positive_rate_within_slides": float("nan")}
     if len(np.unique(tiles)) < 2 or len(np.unique(y)) < 2:
         return unknown
@@ -168,12 +174,7 @@ def within_slide_rates(
     for train_idx, valid_idx in GroupKFold(n_splits=min(n_splits, len(np.unique(tiles)))).split(
         X, groups=tiles
     ):
-        y_train = y[train_idx]
-        if len(np.unique(y_train)) < 2:
-            probability[valid_idx] = float(y_train[0])
-            continue
-        model = clone(estimator).fit(X.iloc[train_idx], y_train)
-        probability[valid_idx] = model.predict_proba(X.iloc[valid_idx])[:, list(model.classes_).index(1)]
+        probability[valid_idx] = _fold_probability(estimator, X, y, train_idx, valid_idx)
     metrics = gate_metrics(y, probability, threshold)
     return {
         "recall_within_slides": metrics["recall"],

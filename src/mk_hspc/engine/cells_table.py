@@ -98,9 +98,7 @@ def load_features(
         raise ValueError("pass exactly one of cell_ids or tile_ids")
     wanted_cells = None if cell_ids is None else [str(c) for c in cell_ids]
     tiles = (
-        sorted({_tile_of_cell(c) for c in wanted_cells})
-        if wanted_cells is not None
-        else sorted(set(tile_ids))
+        sorted({tile_of_cell(c) for c in wanted_cells}) if wanted_cells is not None else sorted(set(tile_ids))
     )
     frames = []
     for tile_id in tiles:
@@ -117,7 +115,7 @@ def load_features(
     return features.loc[wanted_cells]
 
 
-def _tile_of_cell(cell_id: str) -> str:
+def tile_of_cell(cell_id: str) -> str:
     """``tile_id`` part of ``f"{tile_id}_{cell_type}_{label:05d}"`` (cell types contain no ``_``)."""
     parts = cell_id.rsplit("_", 2)
     if len(parts) != 3 or not parts[2].isdigit():
