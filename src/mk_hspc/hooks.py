@@ -43,18 +43,22 @@ class ParameterValidationHooks:
     def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
         parameters = catalog.load("parameters")
         validate_parameters(parameters)
-        if "params:segmentation" in pipeline.inputs():
+        segments = "params:segmentation" in pipeline.inputs()
+        applies_models = any(node.name == "apply_validated_models" for node in pipeline.nodes)
+        if not (segments or applies_models):
+            return
+        from mk_hspc.engine.plugins import build_plugins, check_overlap_covers_cells
+
+        plugins = build_plugins(parameters["segmentation"])  # once for both checks
+        if segments:
             # Checked before ingestion rewrites anything: segmenters that may report cells wider than the tile
             # overlap would only be refused by the segmentation node, after the tile index was replaced.
-            from mk_hspc.engine.plugins import build_plugins, check_overlap_covers_cells
-
-            segmenters, _ = build_plugins(parameters["segmentation"])
-            check_overlap_covers_cells(segmenters, float(parameters["ingestion"]["tiles"]["largest_cell_um"]))
-        if any(node.name == "apply_validated_models" for node in pipeline.nodes):
+            check_overlap_covers_cells(plugins[0], float(parameters["ingestion"]["tiles"]["largest_cell_um"]))
+        if applies_models:
             # Before the full run segments every tissue tile: a model it would refuse is refused now.
             from mk_hspc.pipelines.full.nodes import check_models_before_the_full_run
 
-            check_models_before_the_full_run(parameters["train"], parameters["segmentation"])
+            check_models_before_the_full_run(parameters["train"], parameters["segmentation"], *plugins)
 
 
 class StaleInputError(RuntimeError):

@@ -4,7 +4,7 @@ counts and densities per slide and group, plots and the group comparison."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,19 +29,23 @@ def make_full_tile_sample(tile_index: pd.DataFrame) -> pd.DataFrame:
     return sample_tiles(tile_index, fraction=1.0, seed=0)
 
 
-def check_models_before_the_full_run(train: Mapping[str, Any], segmentation: Mapping[str, Any]) -> None:
+def check_models_before_the_full_run(
+    train: Mapping[str, Any],
+    segmentation: Mapping[str, Any],
+    segmenters: Mapping[str, Any],
+    extractors: Sequence[Any],
+) -> None:
     """The refusals of :func:`apply_validated_models` that need no tile, before the full run segments
     every tissue tile (hours on a study): a type without a validated model, a model validated at another
-    decision threshold or on features of another segmentation than the one this run will make.
+    decision threshold or on features of another segmentation than the one this run will make (the plugins
+    built from ``segmentation``, as the segmentation node builds them).
 
     Raises:
         ModelNotValidatedError: naming the model and what to do.
     """
-    from mk_hspc.engine.plugins import build_plugins
     from mk_hspc.engine.tile_work import compute_params_hash
     from mk_hspc.pipelines.segmentation.nodes import chosen_plugin_conf
 
-    segmenters, extractors = build_plugins(segmentation)
     params_hash = compute_params_hash(segmenters, extractors, chosen_plugin_conf(segmentation))
     store = resolve_store(train["mlflow"])
     for classifier in train["classifiers"].values():
