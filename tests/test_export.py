@@ -14,7 +14,7 @@ from PIL import Image
 from shapely.geometry import shape
 
 from mk_hspc.export.build import plan_site, write_site
-from mk_hspc.export.crops import crop_box, crop_side_px, cut_padded, outline_polygon
+from mk_hspc.export.crops import crop_box, crop_side_px, cut_padded, outline_array
 from mk_hspc.export.files import safe_relative, write_files
 from mk_hspc.export.interop import label_studio_tasks, qupath_geojson
 from mk_hspc.export.site import assign_pages
@@ -143,10 +143,10 @@ def test_crop_geometry_pads_outside_the_window() -> None:
     assert out.shape == (10, 10, 3) and out[0, 0, 0] == 255 and out[5, 5, 0] == 0
 
 
-def test_outline_polygon_matches_the_mask() -> None:
+def test_outline_matches_the_mask() -> None:
     mask = np.zeros((40, 40), bool)
     mask[5:25, 8:30] = True
-    polygon = shapely.Polygon(outline_polygon(mask, tolerance_px=0.1))
+    polygon = shapely.Polygon(outline_array(mask, tolerance_px=0.1))
     assert polygon.is_valid
     assert polygon.bounds == pytest.approx((8, 5, 30, 25), abs=0.5)
     assert polygon.area == pytest.approx(mask.sum(), rel=0.02)

@@ -134,18 +134,14 @@ def cut_padded(image: np.ndarray, x0: int, y0: int, side: int, fill: int) -> np.
     return out
 
 
-def outline_polygon(mask: np.ndarray, tolerance_px: float = 0.5) -> list[tuple[float, float]]:
-    """The outer boundary of a boolean mask (its largest part) as (x, y) pixel-corner coordinates.
+def outline_array(mask: np.ndarray, tolerance_px: float = 0.5) -> np.ndarray:
+    """The outer boundary of a boolean mask (its largest part), ``(n, 2)`` (x, y) pixel-corner coordinates.
 
     Marching squares at level 0.5 puts every vertex on a pixel edge, so the polygon's area is the mask's
     area less the cut corners; it is then simplified (Douglas-Peucker, ``tolerance_px``). Pixel (i, j) spans
-    ``[j, j+1] x [i, i+1]``: the coordinate frame QuPath and GeoJSON consumers expect.
+    ``[j, j+1] x [i, i+1]``: the coordinate frame QuPath and GeoJSON consumers expect. An array, not a list
+    of tuples: the GeoJSON of a study's cells is built from millions of these points.
     """
-    return [(float(x), float(y)) for x, y in outline_array(mask, tolerance_px)]
-
-
-def outline_array(mask: np.ndarray, tolerance_px: float = 0.5) -> np.ndarray:
-    """:func:`outline_polygon` as an ``(n, 2)`` float array of (x, y) (no per-point Python objects)."""
     if not mask.any():
         return np.zeros((0, 2))
     padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
@@ -166,7 +162,7 @@ def display_outline(mask: np.ndarray, output_px: int) -> str:
     """The mask's outline at the stored image's resolution, for drawing over the crop (:func:`mask_outline`).
 
     Traced on the mask resized to ``output_px`` (OpenCV, C speed): detail finer than a displayed pixel is
-    invisible anyway. ``outline_polygon`` is the exact, slower outline used where coordinates matter.
+    invisible anyway. :func:`outline_array` is the exact, slower outline used where coordinates matter.
     """
     small = cv2.resize(mask.astype(np.uint8), (output_px, output_px), interpolation=cv2.INTER_NEAREST_EXACT)
     return mask_outline(small)
