@@ -20,8 +20,8 @@ import pytest
 
 from tests.annotate_server import Server, command_env, free_port, project_with_site
 from tests.annotation_fixtures import EVIL_SLIDE, Study
+from tests.conftest import CHROMIUM
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "build" / "test-artifacts"
 PAGE = "pages/mk/0001.html"
 
@@ -40,14 +40,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, St
     server = Server(project, command_env(root), free_port()).start()
     yield server, study, project
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 def server_labels(server: Server, annotator: str) -> dict[str, str]:

@@ -1,24 +1,30 @@
-"""Adversarial review repro in a real browser (Playwright + /usr/bin/chromium): app.js queue handling."""
+"""The page's queue of label events in a real browser (Playwright + Debian's /usr/bin/chromium): events it
+could not store, and replies that refused nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-sync_api = pytest.importorskip("playwright.sync_api")
-if not Path("/usr/bin/chromium").exists():
-    pytest.skip("no chromium", allow_module_level=True)
+from tests.conftest import CHROMIUM
+
+pytest.importorskip("playwright.sync_api", reason="pip package playwright is not installed")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium)", allow_module_level=True)
 
 import uvicorn  # noqa: E402
 
 from mk_hspc.annotate.app import create_app  # noqa: E402
 from mk_hspc.datasets.annotation import AnnotationSite  # noqa: E402
 from mk_hspc.labels.store import LabelStore  # noqa: E402
+from tests.annotate_server import free_port  # noqa: E402
 
 A = "S1_s0_r000_c000_mk_00001"
 B = "S1_s0_r000_c000_mk_00002"
@@ -32,11 +38,34 @@ PAGE = (
 )
 
 
-def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(tmp_path: Path) -> None:
+def site_with_page(tmp_path: Path) -> AnnotationSite:
+    """A one-page site of cells A and B with the packaged app.js."""
     root = tmp_path / "site"
     (root / "assets").mkdir(parents=True)
     shutil.copy(ASSETS / "app.js", root / "assets" / "app.js")
     (root / "page.html").write_text(PAGE)
+    return AnnotationSite(root, {A: ("S1", "mk", "page.html"), B: ("S1", "mk", "page.html")})
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[int]:
+    """``app`` on loopback in a uvicorn thread for the block; yields its port."""
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(
+    tmp_path: Path, browser: Any
+) -> None:
+    site = site_with_page(tmp_path)
     store = LabelStore(tmp_path / "labels.sqlite3")
     record = store.record
 
@@ -45,57 +74,36 @@ def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(tmp
         return record(events, source=source)
 
     store.record = slow_record  # type: ignore[method-assign]
-    site = AnnotationSite(root, {A: ("S1", "mk", "page.html"), B: ("S1", "mk", "page.html")})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(site, store, default_annotator="alice"), port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
-            page = browser.new_page()
-            # localStorage quota reached: every setItem throws (as a full 5 MB origin does).
-            page.add_init_script(
-                "const set = Storage.prototype.setItem; Storage.prototype.setItem = function (k, v) {"
-                " if (window.__full) { throw new DOMException('quota', 'QuotaExceededError'); }"
-                " return set.call(this, k, v); };"
-            )
-
-            page.goto(f"http://127.0.0.1:{port}/page.html")
-            page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
-            page.evaluate("window.__full = true")
-            page.click(f'figure[data-cell="{A}"] button[value=yes]')
-            page.wait_for_timeout(200)
-            page.click(f'figure[data-cell="{B}"] button[value=no]')
-            page.wait_for_timeout(4000)
-            browser.close()
-        labels = {row["cell_id"]: row["label"] for row in store.latest("alice")}
-        # Today: {A: "yes"} only. On A's ack, flush() reloads the queue from localStorage (where B's event
-        # could not be stored) and so drops B's event from memory: B is never sent, though shown labelled.
-        assert labels == {A: "yes", B: "no"}
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    with serving(create_app(site, store, default_annotator="alice")) as port:
+        page = browser.new_page()
+        # localStorage quota reached: every setItem throws (as a full 5 MB origin does).
+        page.add_init_script(
+            "const set = Storage.prototype.setItem; Storage.prototype.setItem = function (k, v) {"
+            " if (window.__full) { throw new DOMException('quota', 'QuotaExceededError'); }"
+            " return set.call(this, k, v); };"
+        )
+        page.goto(f"http://127.0.0.1:{port}/page.html")
+        page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+        page.evaluate("window.__full = true")
+        page.click(f'figure[data-cell="{A}"] button[value=yes]')
+        page.wait_for_timeout(200)
+        page.click(f'figure[data-cell="{B}"] button[value=no]')
+        page.wait_for_timeout(4000)
+        page.close()
+    labels = {row["cell_id"]: row["label"] for row in store.latest("alice")}
+    # Before: {A: "yes"} only. On A's ack, flush() reloaded the queue from localStorage (where B's event could
+    # not be stored) and so dropped B's event from memory: B was never sent, though shown labelled.
+    assert labels == {A: "yes", B: "no"}
 
 
-def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Path) -> None:
+def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Path, browser: Any) -> None:
     """A 503 with a JSON body (an overloaded server, a proxy in front of it) refused nothing: the page keeps the
     label queued and sends it again, instead of dropping it as if the label itself were refused (before: any
     non-200 JSON reply to a single event dropped it)."""
     from starlette.responses import JSONResponse
 
-    root = tmp_path / "site"
-    (root / "assets").mkdir(parents=True)
-    shutil.copy(ASSETS / "app.js", root / "assets" / "app.js")
-    (root / "page.html").write_text(PAGE)
+    site = site_with_page(tmp_path)
     store = LabelStore(tmp_path / "labels.sqlite3")
-    site = AnnotationSite(root, {A: ("S1", "mk", "page.html"), B: ("S1", "mk", "page.html")})
     app = create_app(site, store, default_annotator="alice")
     busy = {"left": 2}  # enough for the page's batch-of-one retry too
 
@@ -106,28 +114,15 @@ def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Pa
             return
         await app(scope, receive, send)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(overloaded_once, port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/page.html")
-            page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
-            page.click(f'figure[data-cell="{A}"] button[value=yes]')
-            # The page's 3 s server check sends the label again. (Polled from here: the page's CSP forbids
-            # the eval that a polling wait_for_function needs.)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and not store.latest("alice"):
-                time.sleep(0.2)
-            browser.close()
-        assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
-    finally:
-        server.should_exit = True
-        thread.join(5)
+    with serving(overloaded_once) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/page.html")
+        page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+        page.click(f'figure[data-cell="{A}"] button[value=yes]')
+        # The page's 3 s server check sends the label again. (Polled from here: the page's CSP forbids the
+        # eval that a polling wait_for_function needs.)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not store.latest("alice"):
+            time.sleep(0.2)
+        page.close()
+    assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}

@@ -11,16 +11,15 @@ import functools
 import http.server
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 
 from mk_hspc.export.site import asset_files, render_page
+from tests.conftest import CHROMIUM
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip package playwright is not installed")
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install -y chromium)", allow_module_level=True)
 
@@ -45,14 +44,6 @@ def site_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/pages/mk/0001.html"
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        yield browser
-        browser.close()
 
 
 def test_another_annotator_does_not_see_the_first_ones_labels_as_theirs(site_url: str, browser: Any) -> None:
