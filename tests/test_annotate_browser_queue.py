@@ -1,5 +1,5 @@
-"""The page's queue of label events in a real browser (Playwright + Debian's /usr/bin/chromium): events it
-could not store, and replies that refused nothing."""
+"""The page against an in-process server in a real browser (Playwright + Debian's /usr/bin/chromium): its queue of
+label events (events it could not store, replies that refused nothing) and the annotator the server proposes."""
 
 from __future__ import annotations
 
@@ -126,3 +126,21 @@ def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Pa
             time.sleep(0.2)
         page.close()
     assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
+
+
+def test_labels_are_kept_under_the_annotator_the_server_proposed(tmp_path: Path, browser: Any) -> None:
+    """A page with no annotator yet takes the server's default one; its clicks must be stored in the browser
+    under that annotator, not under 'anonymous' (after a reload the page shows that annotator's labels)."""
+    site = site_with_page(tmp_path)
+    store = LabelStore(tmp_path / "labels.sqlite3")
+    with serving(create_app(site, store, default_annotator="alice")) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/page.html")
+        page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+        assert page.input_value("#annotator") == "alice"
+        page.click(f'figure[data-cell="{A}"] button[value=yes]')
+        stored = page.evaluate("JSON.parse(localStorage.getItem('mkhspc.labels.v2'))")
+        page.close()
+    assert {who for who, labels in stored.items() if labels} == {"alice"} and stored["alice"][A][
+        "label"
+    ] == "yes"

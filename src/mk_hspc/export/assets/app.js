@@ -24,13 +24,20 @@
   annotatorInput.value = annotator;
   var labels = labelsOf(annotator);       // the current annotator's labels
   annotatorInput.addEventListener("change", function () {
-    annotator = annotatorInput.value.trim();
-    localStorage.setItem(KEY_ANNOTATOR, annotator);
-    labels = labelsOf(annotator);
+    useAnnotator(annotatorInput.value.trim());
     figures.forEach(render);
     update();
     if (serverUp) { pullServerLabels(); }
   });
+
+  // The one way the annotator changes (typed, proposed by the server, or "anonymous" at the first click):
+  // the name, the input, the stored choice and the labels shown all follow it.
+  function useAnnotator(name) {
+    annotator = name;
+    annotatorInput.value = name;
+    localStorage.setItem(KEY_ANNOTATOR, name);
+    labels = labelsOf(name);
+  }
 
   function loadLabels() {
     var by = load(KEY_LABELS, null);
@@ -61,7 +68,7 @@
   }
 
   function setLabel(figure, label) {
-    if (!annotator) { annotator = "anonymous"; annotatorInput.value = annotator; localStorage.setItem(KEY_ANNOTATOR, annotator); labels = labelsOf(annotator); }
+    if (!annotator) { useAnnotator("anonymous"); }
     var now = new Date().toISOString();
     labels[figure.dataset.cell] = {label: label, annotator: annotator, updated_at: now};
     store(KEY_LABELS, labelsBy);
@@ -167,7 +174,7 @@
         var wasUp = serverUp;
         serverUp = !!(health && health.ok);
         if (serverUp && !annotator && health.annotator) {
-          annotator = health.annotator; annotatorInput.value = annotator; localStorage.setItem(KEY_ANNOTATOR, annotator);
+          useAnnotator(health.annotator);
         }
         if (serverUp && !wasUp) { pullServerLabels(); }
         if (serverUp && document.querySelector("td.done")) { pullProgress(); }
