@@ -19,7 +19,7 @@ def simulate_demo_labels(
     """Yes/No for the picked candidates, from the demo's ground truth (see ``classify.simulated``).
 
     Raises:
-        ValueError: the ground truth describes none of the cells' slides (a lab's study with the demo's
+        ValueError: the ground truth does not describe every slide of the cells (a lab's study with the demo's
             ground truth still in the folder would otherwise get every candidate labelled ``no``).
     """
     slides = set(cells["slide"].astype(str))
