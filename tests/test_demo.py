@@ -158,7 +158,7 @@ AREA_RANGE_UM2 = {
     "small_nucleus_cluster": (80, 1200),
     "debris": (200, 2000),
 }
-MIN_COUNT = {"mk": 4, "hspc": 200, "granulocyte": 40, "erythroblast": 40, "lymphocyte": 40}
+MIN_COUNT = {"mk": 4, "hspc": 150, "granulocyte": 40, "erythroblast": 40, "lymphocyte": 40}
 
 
 def test_ground_truth_lists_every_type_with_plausible_counts_and_sizes(cells: pd.DataFrame) -> None:
@@ -174,8 +174,10 @@ def test_ground_truth_lists_every_type_with_plausible_counts_and_sizes(cells: pd
     # MKs span the requested size range, not one size
     mk = cells.area_um2[cells.cell_type == "mk"]
     assert mk.min() < 400 and mk.max() > 1000
-    # the small study's HSPCs outnumber each small confounder, as in the default study
-    assert counts["hspc"] > max(counts[t] for t in ("lymphocyte", "erythroblast", "granulocyte"))
+    # HSPCs are a minority of the small nucleated cells, as in marrow (the spec asks 20%; the group factors
+    # scale it by 0.9-1.25), so that labelling them is not a balanced, easy task
+    small = counts[["hspc", "lymphocyte", "erythroblast", "granulocyte"]]
+    assert 0.12 < small["hspc"] / small.sum() < 0.3, small.to_dict()
 
 
 def test_ground_truth_is_consistent(study, cells: pd.DataFrame) -> None:
@@ -255,7 +257,10 @@ def test_slide_sheet_spreads_slides_over_four_groups(study) -> None:
 
 def test_group_density_factor_scales_cell_counts() -> None:
     # below saturation, the requested density is met and a group factor scales it
-    spec = dataclasses.replace(DemoSpec.small(), width_px=4000, height_px=3000, hspc_per_mm2=2000.0)
+    spec = dataclasses.replace(
+        DemoSpec.small(), width_px=4000, height_px=3000, lymphocyte_per_mm2=500.0,
+        erythroblast_per_mm2=1000.0, granulocyte_per_mm2=1000.0,
+    )  # fmt: skip
     layout = build_layout(np.random.default_rng(3), spec)
     bank = build_banks(dataclasses.replace(spec, hspc_n_variants=40)).small
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bumped whenever the generator's output for a given spec changes, so old demo studies are rewritten.
-GENERATOR_VERSION = "2"  # 2: typed confounders, lobulated MKs, chromatin texture
+GENERATOR_VERSION = "3"  # 2: typed confounders, lobulated MKs, chromatin texture; 3: marrow-like mix of small cells
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,11 @@ class DemoSpec:
     trabeculae_per_mm2: float = 2.0
     trabecula_width_um: tuple[float, float] = (15.0, 60.0)
     trabecula_length_um: tuple[float, float] = (300.0, 1200.0)
-    # Targets (ground truth types "mk" and "hspc"; the group factors scale these two only)
-    hspc_per_mm2: float = 3000.0
+    # Targets (ground truth types "mk" and "hspc"; the group factors scale these two only). The small
+    # nucleated cells are 5,000 / mm² in all, of which HSPCs 20%: still generous (in real marrow blasts and
+    # progenitors are a few percent, maturing myeloid and erythroid cells most of the rest) but no longer
+    # the 60% majority of generator 2, which made the HSPC labels a balanced, easy task unlike a lab's.
+    hspc_per_mm2: float = 1000.0
     hspc_cluster_fraction: float = 0.4
     hspc_n_variants: int = 400
     hspc_nucleus_diameter_um: tuple[float, float] = (5.5, 10.0)
@@ -71,12 +74,12 @@ class DemoSpec:
     mk_gap_um: float = 3.0
     # Confounders (in the ground truth with their own types, the same density in every group)
     confounder_n_variants: int = 120  # stamp designs per small confounder type
-    lymphocyte_per_mm2: float = 500.0
+    lymphocyte_per_mm2: float = 1000.0
     lymphocyte_nucleus_diameter_um: tuple[float, float] = (4.5, 6.5)
-    erythroblast_per_mm2: float = 1000.0
+    erythroblast_per_mm2: float = 1500.0
     erythroblast_diameter_um: tuple[float, float] = (7.0, 10.0)
     erythroblast_island_fraction: float = 0.7  # the rest are scattered
-    granulocyte_per_mm2: float = 500.0
+    granulocyte_per_mm2: float = 1500.0
     granulocyte_diameter_um: tuple[float, float] = (10.0, 13.5)
     osteoclast_per_mm2: float = 3.0  # of marrow; they sit on bone surfaces
     osteoclast_area_um2: tuple[float, float] = (200.0, 1500.0)
