@@ -12,6 +12,7 @@ import pytest
 
 from mk_hspc.datasets.atomic import AtomicDataset, manifest_path, write_json_atomic
 from mk_hspc.datasets.tile_store import TileStoreDataset
+from mk_hspc.tile_store import FORMAT_VERSION
 from tests.annotate_server import command_env
 from tests.annotation_fixtures import EXPORT_PARAMS, make_study
 from tests.conftest import make_project_copy
@@ -41,6 +42,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     write_json_atomic(
         manifest_path(store_dir),
         {
+            "format_version": FORMAT_VERSION,
             "params_hash": study.store.params_hash,
             "tiles": study.store.tiles,
             "digest": store._digest(study.store.params_hash, study.store.tiles),

@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 
 from mk_hspc.tile_store import (
+    FORMAT_VERSION,
     TMP_SUFFIX,
     TileResult,
     TileStatus,
     is_tile_done,
+    label_outlines,
+    read_tile_outlines,
     read_tile_result,
     remove_temporary_files,
     slide_from_tile_id,
@@ -112,6 +115,77 @@ def test_labels_are_chunked_and_lz4_compressed(tmp_path):
         # only chunks holding cells are stored; background chunks read back as 0 (checked in the round trip)
         assert 0 < dataset.id.get_num_chunks() < 3 * 3
         assert h5["labels/hspc"].id.get_num_chunks() == 0
+
+
+def boundary_pixels(mask: np.ndarray) -> set[tuple[int, int]]:
+    """(x, y) of the mask's pixels with a 4-neighbour outside it (or outside the image)."""
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    rows, cols = np.nonzero(mask & ~inner)
+    return set(zip(cols.tolist(), rows.tolist(), strict=True))
+
+
+def test_outlines_are_stored_per_cell_type_on_each_cells_boundary(tmp_path):
+    """Every cell's outline runs over its own boundary pixels, around all of it (its largest part)."""
+    labels = np.zeros((120, 100), np.int32)
+    labels[10:30, 5:40] = 1  # a rectangle
+    rows, cols = np.mgrid[0:120, 0:100]
+    labels[(cols - 70) ** 2 + (rows - 60) ** 2 <= 15**2] = 2  # a disc
+    labels[100:120, 90:100] = 3  # at the window's corner
+    labels[50:52, 5:7] = 3  # and a small second part, which the outline leaves out
+    result = make_result()
+    result.labels = {"mk": labels, "hspc": np.zeros_like(labels)}
+    write_tile_result(tmp_path, result)
+    read = read_tile_outlines(tmp_path, TILE_ID, ["mk", "hspc"])
+    assert (read.tile_id, read.slide, read.window) == (TILE_ID, "slide_b_2", (-50, 100, 260, 300))
+    assert read.outlines["hspc"].xy.shape == (0, 2) and list(read.outlines["hspc"].start) == [0]
+    outlines = read.outlines["mk"]
+    assert outlines.xy.dtype == np.int32 and len(outlines.start) == 4
+    for label, part in ((1, labels == 1), (2, labels == 2), (3, (labels == 3) & (rows >= 100))):
+        points = outlines.of(label)
+        assert set(map(tuple, points.tolist())) <= boundary_pixels(part), label
+        # around the whole part: the polygon through the points covers it but for its boundary's half pixels
+        x, y = points[:, 0].astype(float), points[:, 1].astype(float)
+        polygon_area = abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2
+        assert part.sum() - len(boundary_pixels(part)) <= polygon_area <= part.sum(), label
+    assert np.array_equal(outlines.xy, label_outlines(labels).xy)
+    with pytest.raises(KeyError, match="no outlines 'blob'"):
+        read_tile_outlines(tmp_path, TILE_ID, ["blob"])
+
+
+def test_outlines_traced_in_the_cells_tables_boxes_equal_those_found_in_the_image(tmp_path):
+    """The writer traces each cell in its cells-table box (no pass over the image); the result is the same,
+    and a table that does not describe the labels falls back to finding them."""
+    labels = np.zeros((300, 260), np.int32)
+    labels[20:60, 10:50] = 1
+    labels[100:130, 200:260] = 2  # touching the window's right edge
+    labels[250:300, 0:20] = 3
+    result = make_result()
+    x, y = result.window[:2]
+    boxes = {1: (10, 20, 40, 40), 2: (200, 100, 60, 30), 3: (0, 250, 20, 50)}  # x, y, w, h in the window
+    result.cells = result.cells.assign(
+        bbox_x=[x + boxes[k][0] for k in (1, 2, 3)],
+        bbox_y=[y + boxes[k][1] for k in (1, 2, 3)],
+        bbox_w=[boxes[k][2] for k in (1, 2, 3)],
+        bbox_h=[boxes[k][3] for k in (1, 2, 3)],
+    )
+    result.labels = {"mk": labels, "hspc": np.zeros_like(labels)}
+    expected = label_outlines(labels)
+    write_tile_result(tmp_path, result)
+    assert np.array_equal(read_tile_outlines(tmp_path, TILE_ID, ["mk"]).outlines["mk"].xy, expected.xy)
+    # a box reaching outside the window (a table from another tile): found in the image instead
+    result.cells.loc[1, "bbox_x"] = x + 250
+    write_tile_result(tmp_path, result)
+    assert np.array_equal(read_tile_outlines(tmp_path, TILE_ID, ["mk"]).outlines["mk"].xy, expected.xy)
+
+
+def test_a_tile_file_of_the_previous_format_is_stale(tmp_path):
+    """A version-2 file has no outlines: the run recomputes it rather than an export failing on it later."""
+    path = write_tile_result(tmp_path, make_result("abc123"))
+    with h5py.File(path, "a") as h5:
+        h5.attrs["format_version"] = FORMAT_VERSION - 1
+        del h5["outlines"]
+    assert tile_status(tmp_path, TILE_ID, "abc123") is TileStatus.STALE
 
 
 def test_empty_tile_round_trips(tmp_path):

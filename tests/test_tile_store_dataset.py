@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mk_hspc.datasets.atomic import StaleOutputError
+from mk_hspc.datasets.atomic import StaleOutputError, manifest_path
 from mk_hspc.datasets.tile_store import TileFailuresError, TileStoreDataset, read_failures
 from mk_hspc.engine import fingerprint
 from mk_hspc.engine.plan import SegmentationPlan
@@ -116,6 +117,19 @@ def test_a_tile_changed_after_the_run_makes_the_store_stale(tmp_path: Path, stud
     tile_path(tmp_path / "store", sample["tile_id"].iloc[0], "slide_a").unlink()
     assert not dataset.exists()
     with pytest.raises(StaleOutputError, match="gone"):
+        dataset.load()
+
+
+def test_a_store_of_an_older_tile_format_is_refused_and_rerun(tmp_path: Path, study) -> None:
+    """A store written before the tiles held outlines (format 2) must not load: the export would fail on it."""
+    rgb, sample = study
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    dataset.save(plan_for(sample, {"slide_a": lambda: ArraySlide(rgb)}))
+    manifest = json.loads(manifest_path(tmp_path / "store").read_text())
+    del manifest["format_version"]  # as an older version of the project wrote it
+    manifest_path(tmp_path / "store").write_text(json.dumps(manifest))
+    assert not dataset.exists()  # so --only-missing-outputs reruns segmentation
+    with pytest.raises(StaleOutputError, match="format 2 or older.*run the segmentation pipeline again"):
         dataset.load()
 
 

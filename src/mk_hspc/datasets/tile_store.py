@@ -14,11 +14,10 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from kedro.io import AbstractDataset, DatasetError
 
 from mk_hspc.atomic_io import write_json_atomic
@@ -32,7 +31,14 @@ from mk_hspc.datasets.atomic import (
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.failpoints import failpoint
-from mk_hspc.tile_store import TileLabels, TileResult, read_tile_labels, read_tile_result, tile_path
+from mk_hspc.tile_store import (
+    FORMAT_VERSION,
+    TileOutlines,
+    TileResult,
+    read_tile_outlines,
+    read_tile_result,
+    tile_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +88,11 @@ class TileStore:
             feature_names=feature_names,
         )
 
-    def read_labels(
-        self,
-        tile_id: str,
-        cell_types: Iterable[str],
-        allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
-    ) -> TileLabels:
-        """Window and label images of one tile (see :func:`mk_hspc.tile_store.read_tile_labels`)."""
+    def read_outlines(self, tile_id: str, cell_types: Iterable[str]) -> TileOutlines:
+        """Window and cell outlines of one tile (see :func:`mk_hspc.tile_store.read_tile_outlines`)."""
         if tile_id not in self.tiles:
             raise KeyError(f"tile {tile_id} is not in the tile store {self.root}")
-        return read_tile_labels(self.root, tile_id, cell_types, slide=self.tiles[tile_id], allocate=allocate)
+        return read_tile_outlines(self.root, tile_id, cell_types, slide=self.tiles[tile_id])
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.root)!r}, {len(self.tiles)} tiles, params {self.params_hash})"
@@ -150,6 +151,7 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
         write_json_atomic(
             manifest_path(self._path),
             {
+                "format_version": FORMAT_VERSION,
                 "params_hash": summary.params_hash,
                 "tiles": tiles,
                 "digest": self._digest(summary.params_hash, tiles),
@@ -179,6 +181,13 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
             raise StaleOutputError(
                 f"tile store {self._path} is not complete (no manifest: segmentation has not finished "
                 "here, or was interrupted); run the segmentation pipeline, which resumes"
+            )
+        if manifest.get("format_version") != FORMAT_VERSION:
+            # Older tiles lack what this code reads (format 3: the cells' outlines, which the export draws).
+            written = manifest.get("format_version", "2 or older")
+            raise StaleOutputError(
+                f"tile store {self._path} holds tiles of format {written}, this version of the project reads "
+                f"format {FORMAT_VERSION}; run the segmentation pipeline again (it recomputes the tiles)"
             )
         try:
             current = self._digest(manifest["params_hash"], manifest["tiles"])
