@@ -3,8 +3,8 @@
 * ``bytes_per_cell``: every byte of the site (pages + crops + index + assets + cells index) over the number
   of exported cells (goal <= 10,240; the lab's original pages were ~117,000 bytes per cell, images inlined).
 * ``export_s``: wall time of the export node + the site dataset's save (crops, pages, then the atomic
-  dataset's sync, digest and swap) with the project's parameters (``export.threads`` reader threads ahead of
-  the cutting thread); the best of ``--repeats`` runs, every run in ``export_runs_s``.
+  dataset's sync, digest and swap) with the project's parameters (``export.threads`` tile workers, each
+  reading a tile then cutting its crops); the best of ``--repeats`` runs, every run in ``export_runs_s``.
 * ``tile_read_s``: time to merely read the same tile windows once (``read_region``, one after another, after
   an untimed warm-up pass so that both see the same page cache); the best of ``--repeats`` passes.
 * ``export_vs_tile_read`` = ``export_s / tile_read_s`` (goal <= 1.5). On a shared machine the best of
@@ -14,12 +14,14 @@
   for it after each run (``old_site_removal_s``) so that runs do not overlap.
 * ``crop_files_write_s``: writing the same crop files alone, from memory, as new files in a fresh folder
   (the file system's share; on ext4 without a journal it includes skipping the inodes freed seconds before).
-* ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + labels, process
-  = cut + encode, write = crop files; summed over threads) and the pages; ``node_s`` / ``save_s`` split it.
+* ``stages_busy_s``: time inside each pipeline stage of the best run (read = slide region + outlines,
+  process = normalisation limits + cut + encode, write = crop files; summed over threads) and the pages;
+  ``node_s`` / ``save_s`` split it.
   ``stages_cpu_s``: the CPU time of the same threads in each stage (pages: drafting + filling in); busy
   time above it is time spent waiting for a core (2 cores, 3-4 busy threads) or the disk.
 * ``by_image_format``: the same for JPEG and WebP (each written once more; the headline is the configured one).
-* ``qupath_geojson_s``: the QuPath GeoJSON of the same cells (exact outlines from the tile store), apart.
+* ``qupath_geojson_s``: the QuPath GeoJSON of the same cells (exact outlines traced on the tile store's
+  label images), apart.
 
 The demo run (ingestion + segmentation, ``kedro run``) happens once in ``--project`` (a project copy under
 ``bench/work/``) and is reused; the export itself runs in-process through the project's catalog.

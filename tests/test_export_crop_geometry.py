@@ -2,7 +2,7 @@
 tissue are stretched (the outline sat half a displayed pixel off, the crop half a source pixel off).
 
 Each test draws one dark disc (a cell) of known position into a synthetic tile, cuts the crop with
-:func:`tile_crops` as the site does, and measures in the stored image's pixels (pixel-corner frame: pixel
+:func:`tile_crops` as the site does (the outline from the tile store's traced outlines of the label image), and measures in the stored image's pixels (pixel-corner frame: pixel
 ``(i, j)`` spans ``[j, j+1] x [i, i+1]``):
 
 * the outline as the page draws it: the SVG points shifted by ``.crop polygon { transform: translate(.5px,
@@ -21,6 +21,7 @@ import shapely
 from PIL import Image
 
 from mk_hspc.export.crops import CropSpec, normalisation_limits, shrink, stretch_table, tile_crops
+from mk_hspc.tile_store import label_outlines
 
 GLASS, CELL = 235, 60
 CSS_SHIFT = 0.5  # app.css: .crop polygon { transform: translate(.5px, .5px) }
@@ -47,8 +48,9 @@ def one_crop(rgb, labels, cx, cy, pixel_size_um, spec, window_xy=(0, 0)):
         "centroid_y_px": cy + window_xy[1],
     }
     crop = tile_crops(
-        rgb, window_xy, labels, [cell], pixel_size_um, spec, limits=limits, image_format="jpeg", quality=100
-    )[0]
+        rgb, window_xy, label_outlines(labels), [cell], pixel_size_um, spec, limits=limits,
+        image_format="jpeg", quality=100,
+    )[0]  # fmt: skip
     image = np.asarray(Image.open(io.BytesIO(crop.image)).convert("L"), np.float64)
     return image, crop.outline
 
@@ -73,6 +75,8 @@ GEOMETRIES = [
     pytest.param(20.0, 80, 0.1725, id="hspc-116-to-80"),
     pytest.param(60.0, 128, 0.22, id="mk-273-to-128"),
     pytest.param(20.0, 80, 0.11, id="hspc-182-to-80"),
+    # a 20x scan (0.5 µm/px): HSPC crops enlarged exactly 2x, where every mapped outline point is a half
+    pytest.param(20.0, 80, 0.5, id="hspc-40-to-80-enlarged"),
 ]
 
 
@@ -147,7 +151,7 @@ def test_a_mostly_glass_tile_keeps_glass_white_and_the_cell_visible() -> None:
     rgb, labels, cx, cy = disc_tile((600.0, 600.0), radius=25)  # 1,961 px of 1,440,000: 0.14 %
     limits = normalisation_limits(rgb, 0.2, 99.5)
     cell = {"cell_id": "c", "label": 1, "centroid_x_px": cx, "centroid_y_px": cy}
-    crop = tile_crops(rgb, (0, 0), labels, [cell], 0.1725, CropSpec(20.0, 80), limits=limits,
+    crop = tile_crops(rgb, (0, 0), label_outlines(labels), [cell], 0.1725, CropSpec(20.0, 80), limits=limits,
                       image_format="jpeg", quality=95)[0]  # fmt: skip
     image = np.asarray(Image.open(io.BytesIO(crop.image)).convert("L"), np.float64)
     glass, centre = image[:5, :5].mean(), image[38:42, 38:42].mean()

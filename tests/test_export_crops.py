@@ -1,5 +1,5 @@
-"""The fast crop path: histogram percentiles, shrinking, batched crops and outlines, label reads into reused
-arrays, and the reader -> cutter -> writer pipeline of the site (order of pages, errors naming the tile)."""
+"""The fast crop path: histogram percentiles, shrinking, batched crops, stored outlines drawn on the crops,
+and the tile workers -> writer pipeline of the site (errors naming the tile and the stage)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,25 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import pytest
+import shapely
 
 from mk_hspc.engine.prefetch import StageError
 from mk_hspc.export import crops as crops_module
-from mk_hspc.export.build import ArrayPool, plan_site, write_site
+from mk_hspc.export.build import plan_site, write_site
 from mk_hspc.export.crops import (
     CropSpec,
     crop_box,
     crop_side_px,
     cut_padded,
-    display_outline,
+    display_outlines,
     histogram_percentile,
-    mask_outline,
     normalisation_limits,
     shrink,
     stretch_table,
     tile_crops,
 )
-from mk_hspc.tile_store import TileResult, read_tile_labels, read_tile_result, write_tile_result
+from mk_hspc.tile_store import label_outlines, read_tile_result
 from tests.annotation_fixtures import EXPORT_PARAMS, Study, make_study
 
 
@@ -86,12 +85,44 @@ def test_shrink_trims_a_side_that_is_no_multiple_evenly() -> None:
     assert difference.mean() < 2.0 and np.percentile(difference, 99) < 30
 
 
-def test_mask_outline_is_the_pixel_boundary_as_svg_points() -> None:
-    mask = np.zeros((20, 20), np.uint8)
-    mask[4:10, 3:12] = 1
-    points = np.array(mask_outline(mask).split(), dtype=int).reshape(-1, 2)
-    assert sorted(map(tuple, points)) == [(3, 4), (3, 9), (11, 4), (11, 9)]
-    assert mask_outline(np.zeros((5, 5), np.uint8)) == ""
+def drawn_points(points: str) -> list[tuple[int, int]]:
+    return sorted(map(tuple, np.array(points.split(), dtype=int).reshape(-1, 2).tolist()))
+
+
+def test_display_outlines_move_the_stored_outline_onto_each_crop() -> None:
+    labels = np.zeros((60, 60), np.int32)
+    labels[4:10, 3:12] = 1
+    labels[30:50, 30:50] = 3  # label 2 has no pixels
+    outlines = label_outlines(labels)
+    # scale 1: the boundary pixels' indices, less the crop's origin
+    same = display_outlines(outlines, np.array([1, 2]), np.array([[0, 0], [0, 0]]), side=20, output_px=20)
+    assert drawn_points(same[0]) == [(3, 4), (3, 9), (11, 4), (11, 9)] and same[1] == ""
+    moved = display_outlines(outlines, np.array([1]), np.array([[2, -3]]), side=20, output_px=20)
+    assert drawn_points(moved[0]) == [(1, 7), (1, 12), (9, 7), (9, 12)]
+    # halved: pixel i's centre (i + .5) lands at (i + .5) / 2 of the stored image, pixel index that - .5
+    half = display_outlines(outlines, np.array([3]), np.array([[20, 20]]), side=40, output_px=20)
+    assert drawn_points(half[0]) == [(5, 5), (5, 14), (14, 5), (14, 14)]  # pixels 30..49 -> 5..14
+    # a cell larger than its crop is outlined along the crop's edge, inside the image
+    clipped = display_outlines(outlines, np.array([3]), np.array([[35, 35]]), side=10, output_px=10)
+    assert drawn_points(clipped[0]) == [(0, 0), (0, 9), (9, 0), (9, 9)]
+    # a label the tile store does not have (the cells table and the store disagree) is named, not mis-drawn
+    for wrong in (0, 4):
+        with pytest.raises(ValueError, match=rf"labels \[{wrong}\] are not among the tile store's 1..3"):
+            display_outlines(outlines, np.array([1, wrong]), np.zeros((2, 2), int), side=20, output_px=20)
+
+
+def test_a_cell_larger_than_its_crop_is_outlined_along_the_crop_edge_not_across_its_corners() -> None:
+    """A diamond-shaped cell whose edges cross the crop's corners: its polygon is cut to the image, not each
+    point moved into it (which drew a diamond inside the square, 4,900 px² of the 8,750 in the crop)."""
+    rows, cols = np.mgrid[0:300, 0:300]
+    labels = (np.abs(cols - 150) + np.abs(rows - 150) <= 75).astype(np.int32)
+    origin = np.array([[100, 100]])  # a 100 px crop centred on the cell: its corners are outside the cell
+    drawn = display_outlines(label_outlines(labels), np.array([1]), origin, side=100, output_px=100)[0]
+    polygon = shapely.Polygon(np.array(drawn.split(), float).reshape(-1, 2))
+    in_crop = int(labels[100:200, 100:200].sum())  # 8,750
+    # through the boundary pixels' centres: the cell less about half its boundary's pixels
+    assert 0.97 * in_crop < polygon.area <= in_crop
+    assert polygon.bounds == (0.0, 0.0, 99.0, 99.0)
 
 
 @pytest.mark.parametrize("batch", [64, 2])
@@ -111,16 +142,18 @@ def test_batched_crops_match_the_per_cell_path(
         spec = CropSpec(conf["crop_um"], conf["output_px"])
         cells = study.cells[(study.cells["tile_id"] == tile_id) & (study.cells["cell_type"] == cell_type)]
         records = cells.to_dict("records")
+        outlines = label_outlines(result.labels[cell_type])
         crops = tile_crops(
-            rgb, (x, y), result.labels[cell_type], records, result.pixel_size_um, spec, limits=limits,
+            rgb, (x, y), outlines, records, result.pixel_size_um, spec, limits=limits,
             image_format="jpeg", quality=95,
         )  # fmt: skip
         assert [c.cell_id for c in crops] == cells["cell_id"].tolist()
         for crop, cell in zip(crops, records, strict=True):
             side = crop_side_px(spec.crop_um, result.pixel_size_um, spec.output_px)
             x0, y0 = crop_box(cell["centroid_x_px"], cell["centroid_y_px"], side)
-            mask = cut_padded(result.labels[cell_type], x0 - x, y0 - y, side, 0) == cell["label"]
-            assert crop.outline == display_outline(mask, spec.output_px) != ""
+            one = display_outlines(outlines, np.array([cell["label"]]), np.array([[x0 - x, y0 - y]]), side,
+                                   spec.output_px)  # fmt: skip
+            assert crop.outline == one[0] != ""
             expected = cv2.LUT(shrink(cut_padded(rgb, x0 - x, y0 - y, side, 255), spec.output_px), table)
             decoded = cv2.imdecode(np.frombuffer(crop.image, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
             assert np.abs(decoded.astype(float) - expected).mean() < 3  # JPEG at quality 95
@@ -129,42 +162,24 @@ def test_batched_crops_match_the_per_cell_path(
 def test_tile_crops_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="png"):
         tile_crops(
-            np.zeros((8, 8, 3), np.uint8), (0, 0), np.zeros((8, 8), np.int32), [], 1.0, CropSpec(4, 4),
+            np.zeros((8, 8, 3), np.uint8), (0, 0), label_outlines(np.zeros((8, 8), np.int32)), [], 1.0,
+            CropSpec(4, 4),
             limits=(np.zeros(3), np.ones(3)), image_format="png",
         )  # fmt: skip
 
 
-def test_labels_are_read_into_the_arrays_given(study: Study) -> None:
+def test_the_store_hands_the_outlines_of_the_cell_types_asked(study: Study) -> None:
     tile_id = next(iter(study.store.tiles))
-    given: list[np.ndarray] = []
-
-    def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        given.append(np.full(shape, -7, dtype))
-        return given[-1]
-
-    read = study.store.read_labels(tile_id, ["hspc", "mk"], allocate=allocate)
+    read = study.store.read_outlines(tile_id, ["hspc", "mk"])
     expected = read_tile_result(study.store.root, tile_id)
     assert (read.tile_id, read.slide, read.window) == (tile_id, expected.slide, expected.window)
-    assert read.pixel_size_um == expected.pixel_size_um
-    assert [read.labels["hspc"] is given[0], read.labels["mk"] is given[1]] == [True, True]
+    assert read.pixel_size_um == expected.pixel_size_um and list(read.outlines) == ["hspc", "mk"]
     for name in ("hspc", "mk"):
-        assert np.array_equal(read.labels[name], expected.labels[name])
-    with pytest.raises(KeyError, match="no label image 'blob'"):
-        read_tile_labels(study.store.root, tile_id, ["blob"])
+        traced = label_outlines(expected.labels[name])
+        assert np.array_equal(read.outlines[name].xy, traced.xy)
+        assert np.array_equal(read.outlines[name].start, traced.start)
     with pytest.raises(KeyError, match="not in the tile store"):
-        study.store.read_labels("nope_s0_r000_c000", ["mk"])
-
-
-def test_array_pool_lends_returned_arrays_again() -> None:
-    pool = ArrayPool()
-    first = pool.take((4, 5), np.int32)
-    pool.give(first)
-    assert pool.take((4, 5), np.int32) is first
-    assert pool.take((4, 5), np.int32) is not first  # none free: a new one
-    assert pool.take((4, 5), np.uint8).dtype == np.uint8
-    pool.give(first)
-    pool.clear()
-    assert len(pool) == 0
+        study.store.read_outlines("nope_s0_r000_c000", ["mk"])
 
 
 def test_site_pipeline_names_the_failing_tile_and_closes_the_slides(study: Study, tmp_path: Path) -> None:
@@ -191,29 +206,27 @@ def test_site_pipeline_names_the_failing_tile_and_closes_the_slides(study: Study
     assert not (tmp_path / "site" / "cells.json").exists()  # no pages for a site with missing crops
 
 
+def test_site_pipeline_names_a_tile_whose_crops_fail(
+    study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tile workers read and cut in one engine stage; an error still names its own part and tile."""
+    bad_tile = sorted(study.store.tiles)[0]
+    real = crops_module.tile_crops
+
+    def failing(tile_rgb, window_xy, *args, **kwargs):
+        if tuple(window_xy) == read_tile_result(study.store.root, bad_tile).window[:2]:
+            raise ValueError("no room for crops")
+        return real(tile_rgb, window_xy, *args, **kwargs)
+
+    monkeypatch.setattr("mk_hspc.export.build.tile_crops", failing)
+    expected = f"process failed for {bad_tile}: ValueError: no room for crops"
+    with pytest.raises(StageError, match=re.escape(expected)):
+        write_site(plan_site(study.cells, study.store, study.loaders(), EXPORT_PARAMS), tmp_path / "site")
+
+
 def test_site_pipeline_records_its_stages(study: Study, tmp_path: Path) -> None:
     content = plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "threads": 1})
     stats = write_site(content, tmp_path / "site")
     assert stats["tiles"] == len(study.store.tiles) and stats["crops"] == len(study.cells)
     assert set(stats["busy_s"]) == set(stats["cpu_s"]) == {"read", "process", "write", "pages"}
     assert content.stats == stats
-
-
-def test_labels_read_into_a_used_array_hold_zeros_where_no_chunk_was_written(tmp_path: Path) -> None:
-    """A reused array still holds the previous tile's labels; chunks never written must read back as 0."""
-    labels = np.zeros((64, 48), np.int32)
-    labels[2:10, 3:12] = 5  # one chunk of 16 x 16 written, the others all background (never stored)
-    cells = study_cells_stub()
-    result = TileResult(
-        "S_s0_r000_c000", "S", (0, 0, 48, 64), (0, 0, 48, 64), 0.5, "h", {"mk": labels}, cells
-    )
-    write_tile_result(tmp_path, result, fsync=False, label_chunk_px=16)
-    used = np.full((64, 48), 9, np.int32)
-    read = read_tile_labels(tmp_path, "S_s0_r000_c000", ["mk"], allocate=lambda shape, dtype: used)
-    assert read.labels["mk"] is used and np.array_equal(used, labels)
-
-
-def study_cells_stub() -> pd.DataFrame:
-    from mk_hspc.engine.tile_work import CELL_COLUMNS
-
-    return pd.DataFrame({name: [] for name in CELL_COLUMNS})

@@ -269,7 +269,7 @@ class Export(_Block):
     normalise_percentiles: list[Annotated[float, Field(ge=0, le=100)]] = Field(
         [1.0, 99.5], min_length=2, max_length=2
     )
-    threads: Count = 1  # reader threads ahead of the cutting thread (conf/base/parameters_export.yml)
+    threads: Count = 2  # tile workers (conf/base/parameters_export.yml)
     qupath: QuPathConf = QuPathConf()
     label_studio: LabelStudioConf
 

@@ -6,8 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Bumped whenever the generator's output for a given spec changes, so old demo studies are rewritten.
-GENERATOR_VERSION = "3"  # 2: typed confounders, lobulated MKs, chromatin texture; 3: marrow-like mix of small cells
+# Bumped whenever the generator's output for a given spec changes, so that make_demo_study rewrites a study
+# of an older generator instead of calling it up to date (the ingestion pipeline calls it only for an empty
+# slides folder: a demo already in data/01_raw stays as it is). 2: typed confounders, lobulated MKs,
+# chromatin texture; 3: a marrow-like mix of the small nucleated cells (HSPC 20%).
+GENERATOR_VERSION = "3"
 
 
 @dataclass(frozen=True)

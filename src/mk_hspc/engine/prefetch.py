@@ -44,6 +44,16 @@ class StageError(RuntimeError):
         self.item_key = item_key
 
 
+def _stage_error(stage: str, key: str, exc: BaseException) -> StageError:
+    """``exc`` as the :class:`StageError` of ``stage``, unless a stage function raised one naming its own part
+    (a tile worker that reads and cuts in its read stage)."""
+    if isinstance(exc, StageError):
+        return exc
+    error = StageError(stage, key, exc)
+    error.__cause__ = exc
+    return error
+
+
 @dataclass
 class EngineStats:
     """What a run did, including the instrumented high-water marks of both queues and of live items."""
@@ -98,8 +108,7 @@ class _Run:
 
     def skip(self, stage: str, key: str, exc: BaseException) -> None:
         """Record an item's failure and go on with the others (``isolate_failures``)."""
-        error = StageError(stage, key, exc)
-        error.__cause__ = exc
+        error = _stage_error(stage, key, exc)
         with self._lock:
             self.in_flight -= 1
             self.failures.append(error)
@@ -108,8 +117,7 @@ class _Run:
     def fail(self, stage: str, key: str, exc: BaseException) -> None:
         with self._lock:
             if self.error is None:
-                self.error = StageError(stage, key, exc)
-                self.error.__cause__ = exc
+                self.error = _stage_error(stage, key, exc)
         if stage == "write":
             self.abort.set()
         self.stop.set()

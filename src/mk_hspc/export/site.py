@@ -33,16 +33,16 @@ CELLS_INDEX = "cells.json"
 LABEL_CHOICES = ("yes", "no", "unsure")
 
 
-Outline = str  # SVG polygon points "x y x y ..." in the crop image's pixels (crops.mask_outline)
+Outline = str  # SVG polygon points "x y x y ..." in the crop image's pixels (crops.display_outlines)
 
 
 @dataclass(frozen=True)
 class TileWork:
-    """One tile's share of the site, in two stages so that reading overlaps cutting.
+    """One tile's share of the site, in two stages (timed and named apart in errors; a tile worker runs both).
 
     Attributes:
         tile_id: the tile (names it in errors).
-        read: reads the tile's pixels and labels (slide and tile store I/O).
+        read: reads the tile's pixels and its cells' outlines (slide and tile store I/O).
         cut: pixels -> ``({site-relative path: bytes}, {cell_id: outline})``, the tile's crops.
     """
 
@@ -63,7 +63,7 @@ class SiteContent:
         paths: every site-relative path the site will hold (crops and the rest), when known: a reused
             folder's files that the new site lacks are then renamed to new names instead of deleted
             while as many are created.
-        threads: reader threads (tiles read ahead of the one being cut).
+        threads: tile workers (each reads a tile, then cuts and encodes its crops).
         close: called once every tile has run (closes the slides the reads opened).
         stats: filled in by :func:`mk_hspc.export.build.write_site` (counts and busy time per stage).
     """
