@@ -8,8 +8,9 @@ Layout of ``<store_dir>/<slide>/<tile_id>.h5``::
     labels/<cell_type>            int32 (h, w) instance image of the kept cells (1..N), chunked, LZ4;
                                   all-background chunks are not stored (fill value 0)
     outlines/<cell_type>/xy       int32 (n_points, 2): each cell's outer boundary (its largest part), the
-                                  (x, y) indices of its boundary pixels in the window (OpenCV's trace),
-                                  cells in label order; the export draws these, never reading the labels
+                                  (x, y) indices of its boundary pixels in the window (OpenCV's trace,
+                                  simplified by 0.5 px), cells in label order; the export draws these,
+                                  never reading the labels
     outlines/<cell_type>/start    int64 (N + 1): label L's points are rows ``start[L-1]:start[L]``
     cells/<column>                one 1-D dataset per per-cell column (cell_id, cell_type, label, ...)
     features/<extractor>/values   float32 (n_cells, n_features), rows in ``cells/cell_id`` order
@@ -251,12 +252,16 @@ class CellOutlines:
         return self.xy[self.start[label - 1] : self.start[label]]
 
 
+SIMPLIFY_PX = 0.5  # outline simplification (Douglas-Peucker), full-resolution px: below what a crop shows
+
+
 def label_outlines(
     labels: np.ndarray, boxes: Sequence[tuple[slice, slice] | None] | None = None
 ) -> CellOutlines:
     """Every labelled cell's outer boundary, in label order (see :class:`CellOutlines`).
 
-    OpenCV's trace of each cell in its box (``boxes[label - 1]``, ``(rows, cols)`` slices, e.g. from the
+    OpenCV's trace of each cell in its box, simplified by :data:`SIMPLIFY_PX` (a subset of its boundary
+    pixels, a third of them for a nucleus) (``boxes[label - 1]``, ``(rows, cols)`` slices, e.g. from the
     cells table; by default ``find_objects``, one pass over the image: ~20 ms of a 3000 px tile): ~25 us
     per cell, paid once at segmentation so that every export reads points, not label images. A cell in
     several parts keeps its largest, as the crops draw it.
@@ -275,7 +280,7 @@ def label_outlines(
         if not contours:
             continue
         contour = contours[0] if len(contours) == 1 else max(contours, key=cv2.contourArea)
-        parts.append(contour.reshape(-1, 2))
+        parts.append(cv2.approxPolyDP(contour, SIMPLIFY_PX, True).reshape(-1, 2))
         counts[index] = len(parts[-1])
     xy = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros((0, 2), np.int32)
     return CellOutlines(xy, np.concatenate([[0], np.cumsum(counts)]))

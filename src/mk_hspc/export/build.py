@@ -219,7 +219,10 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         StageError: a tile failed to read, cut or write (the error names the tile and the stage).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    reuse = reusable_files(folder, content.paths)
+    # Listing the reused folder and the new site's paths (~10 ms for 5,000 crops) runs beside the first reads;
+    # the writer needs it only for the first tile's crops.
+    drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-pages")
+    listed = drafting.submit(reusable_files, folder, content.paths)
     outlines: dict[str, Outline] = {}
     written: set[str] = set()
     n_crops = 0
@@ -237,13 +240,12 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     def write(tile: TileWork, result: tuple[dict[str, bytes], dict[str, Outline]]) -> None:
         nonlocal n_crops
         files, tile_outlines = result
-        write_files(folder, files, reuse)
+        write_files(folder, files, listed.result())
         outlines.update(tile_outlines)  # one writer thread: no lock needed
         written.update(files)
         n_crops += len(files)
 
     # Drafting the pages is Python work that fits where the workers wait for their first tiles' reads.
-    drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-pages")
     drafted = drafting.submit(_thread_cpu_s, content.prepare)
     try:
         stats = run_prefetched(
@@ -264,7 +266,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.thread_time()
     drafting_cpu_s = drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
-    write_files(folder, pages, reuse)
+    write_files(folder, pages, listed.result())
     written.update(pages)
     remove_unwritten(folder, written)
     busy = {stage: round(clock.busy_s.get(stage, 0.0), 3) for stage in ("read", "process")}

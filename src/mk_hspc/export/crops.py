@@ -9,7 +9,6 @@ as an SVG overlay that can be hidden, instead of burning it into the image.
 
 from __future__ import annotations
 
-import functools
 import io
 from dataclasses import dataclass
 
@@ -213,11 +212,12 @@ def display_outlines(
     ``[0, side)`` is the stored image's ``[0, output_px)``, so the point lands at pixel index
     ``(i + 0.5 - origin) * output_px / side - 0.5`` of the stored image. A cell larger than its crop has its
     polygon cut to the image (:func:`_clip_to_square`: it then runs along the crop's edge). Points are
-    rounded (:func:`_round_outward`), then simplified by 0.7 px. The page draws the polygon shifted by half a
-    pixel (``.crop polygon`` in ``app.css``), through the pixels' centres. Integers format ~10x faster than
-    floats and make shorter pages. Empty for a cell without outline.
+    rounded (:func:`_round_outward`) and repeats of the same pixel dropped (the stored outline is already
+    simplified, :data:`mk_hspc.tile_store.SIMPLIFY_PX`). The page draws the polygon shifted by half a pixel
+    (``.crop polygon`` in ``app.css``), through the pixels' centres. Empty for a cell without outline.
 
-    All the cells' points are moved in one array operation; only the simplification runs per cell (OpenCV).
+    Every step runs on all the cells' points at once, the text too (one %-format of all the integers, cut
+    per cell at offsets computed from the numbers' digits): per cell, only a slice of that text.
 
     Raises:
         ValueError: a label that is not one of the tile's ``1..N`` of this cell type.
@@ -230,24 +230,34 @@ def display_outlines(
     counts = ends - starts
     offsets = np.concatenate([[0], np.cumsum(counts)])
     index = np.repeat(starts - offsets[:-1], counts) + np.arange(offsets[-1])
-    shift = 0.5 - np.repeat(origins_xy, counts, axis=0)
-    scaled = (outlines.xy[index] + shift) * (output_px / side) - 0.5
+    cell_of_point = np.repeat(np.arange(len(labels)), counts)
+    scaled = (outlines.xy[index] + 0.5 - origins_xy[cell_of_point]) * (output_px / side) - 0.5
     high = output_px - 1
-    points = _round_outward(scaled, high / 2).astype(np.int32)
-    outside = (scaled < 0) | (scaled > high)
-    drawn = []
-    for first, last in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
-        if first == last:
-            drawn.append("")
-            continue
-        cell = points[first:last]
-        if outside[first:last].any():  # rare: a cell larger than its crop
-            cell = _round_outward(_clip_to_square(scaled[first:last], float(high)), high / 2).astype(np.int32)
-            if not len(cell):
-                drawn.append("")
-                continue
-        simplified = cv2.approxPolyDP(cell.reshape(-1, 1, 2), 0.7, True).ravel().tolist()
-        drawn.append(_svg_format(len(simplified)) % tuple(simplified))
+    # (clamped here only to keep the text's widths right: the cells with points outside are redone below)
+    points = np.clip(_round_outward(scaled, high / 2), 0, high).astype(np.int64)
+    # A point repeating the one before it (within its cell) adds nothing to the polygon.
+    keep = np.ones(len(points), bool)
+    keep[1:] = (points[1:] != points[:-1]).any(axis=1)
+    keep[offsets[:-1][counts > 0]] = True
+    kept, kept_cells = points[keep], cell_of_point[keep]
+    kept_offsets = np.concatenate([[0], np.cumsum(np.bincount(kept_cells, minlength=len(labels)))])
+    # Each number with its separator: digits + 1 (they are 0..output_px - 1, never negative).
+    widths = (2 + (kept >= 10) + (kept >= 100) + (kept >= 1000) + (kept >= 10000)).sum(axis=1)
+    char_offsets = np.concatenate([[0], np.cumsum(widths)])
+    text = ("%d " * kept.size) % tuple(kept.ravel().tolist())
+    first_chars = char_offsets[kept_offsets[:-1]].tolist()
+    end_chars = (char_offsets[kept_offsets[1:]] - 1).tolist()  # without the last separator
+    drawn = [
+        text[first:end] if end > first else "" for first, end in zip(first_chars, end_chars, strict=True)
+    ]
+    # Cells larger than their crop (rare): their polygon cut to the image, one by one.
+    outside = ((scaled < 0) | (scaled > high)).any(axis=1)
+    for cell in np.unique(cell_of_point[outside]).tolist():
+        polygon = _clip_to_square(scaled[offsets[cell] : offsets[cell + 1]], float(high))
+        clipped = _round_outward(polygon, high / 2).astype(np.int64)
+        if len(clipped):
+            clipped = clipped[np.concatenate([[True], (clipped[1:] != clipped[:-1]).any(axis=1)])]
+        drawn[cell] = " ".join(map(str, clipped.ravel().tolist()))
     return drawn
 
 
@@ -281,12 +291,6 @@ def _clip_to_square(polygon: np.ndarray, high: float) -> np.ndarray:
             candidates = np.stack([polygon, crossing], axis=1).reshape(-1, 2)
             polygon = candidates[np.stack([inside, crosses], axis=1).ravel()]
     return polygon
-
-
-@functools.cache
-def _svg_format(n_numbers: int) -> str:
-    """``"%d %d ... %d"``: one %-format of all the numbers is twice as fast as joining their ``str``."""
-    return " ".join(["%d"] * n_numbers)
 
 
 def tile_crops(
