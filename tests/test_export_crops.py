@@ -224,6 +224,22 @@ def test_site_pipeline_names_a_tile_whose_crops_fail(
         write_site(plan_site(study.cells, study.store, study.loaders(), EXPORT_PARAMS), tmp_path / "site")
 
 
+def test_a_reused_folder_that_cannot_be_listed_is_named_not_a_tiles_write(
+    study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(folder: Path, paths) -> None:
+        raise PermissionError("listing failed")
+
+    monkeypatch.setattr("mk_hspc.export.build.reusable_files", unreadable)
+    folder = tmp_path / "site"
+    expected = f"listing the reused folder failed for {folder}: PermissionError: listing failed"
+    with pytest.raises(StageError, match=re.escape(expected)):
+        write_site(plan_site(study.cells, study.store, study.loaders(), EXPORT_PARAMS), folder)
+    empty = plan_site(study.cells.iloc[:0], study.store, study.loaders(), EXPORT_PARAMS)
+    with pytest.raises(StageError, match=re.escape(expected)):
+        write_site(empty, folder)
+
+
 def test_site_pipeline_records_its_stages(study: Study, tmp_path: Path) -> None:
     content = plan_site(study.cells, study.store, study.loaders(), {**EXPORT_PARAMS, "threads": 1})
     stats = write_site(content, tmp_path / "site")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import h5py
@@ -173,10 +174,13 @@ def test_outlines_traced_in_the_cells_tables_boxes_equal_those_found_in_the_imag
     expected = label_outlines(labels)
     write_tile_result(tmp_path, result)
     assert np.array_equal(read_tile_outlines(tmp_path, TILE_ID, ["mk"]).outlines["mk"].xy, expected.xy)
-    # a box reaching outside the window (a table from another tile): found in the image instead
-    result.cells.loc[1, "bbox_x"] = x + 250
-    write_tile_result(tmp_path, result)
-    assert np.array_equal(read_tile_outlines(tmp_path, TILE_ID, ["mk"]).outlines["mk"].xy, expected.xy)
+    # boxes that are not the cells' (a table from another tile, or wrong): found in the image instead
+    for row, column, value in ((1, "bbox_x", x + 250), (0, "bbox_w", 20), (2, "bbox_h", -3)):
+        wrong = result.cells.copy()
+        wrong.loc[row, column] = value
+        write_tile_result(tmp_path, dataclasses.replace(result, cells=wrong))
+        traced = read_tile_outlines(tmp_path, TILE_ID, ["mk"]).outlines["mk"]
+        assert np.array_equal(traced.xy, expected.xy), (column, value)
 
 
 def test_a_tile_file_of_the_previous_format_is_stale(tmp_path):

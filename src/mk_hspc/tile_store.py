@@ -261,19 +261,22 @@ def label_outlines(
     """Every labelled cell's outer boundary, in label order (see :class:`CellOutlines`).
 
     OpenCV's trace of each cell in its box, simplified by :data:`SIMPLIFY_PX` (a subset of its boundary
-    pixels, a third of them for a nucleus) (``boxes[label - 1]``, ``(rows, cols)`` slices, e.g. from the
-    cells table; by default ``find_objects``, one pass over the image: ~20 ms of a 3000 px tile): ~25 us
-    per cell, paid once at segmentation so that every export reads points, not label images. A cell in
-    several parts keeps its largest, as the crops draw it.
+    pixels, about a third of them for a nucleus): ~25 us per cell, paid once at segmentation so that every
+    export reads points, not label images. ``boxes[label - 1]`` are ``(rows, cols)`` slices, e.g. from the
+    cells table; by default (or when they miss part of a cell) ``find_objects`` finds them, one pass over
+    the image (~20 ms of a 3000 px tile). A cell in several parts keeps its largest, as the crops draw it.
     """
-    boxes = ndi.find_objects(labels) if boxes is None else boxes
+    given = boxes is not None
+    boxes = boxes if given else ndi.find_objects(labels)
     parts: list[np.ndarray] = []
     counts = np.zeros(len(boxes), np.int64)
+    traced_px = 0
     for index, box in enumerate(boxes):
-        if box is None:
+        mask = None if box is None else (labels[box] == index + 1).view(np.uint8)
+        if mask is None or mask.size == 0:
             continue
+        traced_px += cv2.countNonZero(mask)
         rows, cols = box
-        mask = (labels[box] == index + 1).view(np.uint8)
         contours, _ = cv2.findContours(
             mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(cols.start, rows.start)
         )
@@ -282,6 +285,10 @@ def label_outlines(
         contour = contours[0] if len(contours) == 1 else max(contours, key=cv2.contourArea)
         parts.append(cv2.approxPolyDP(contour, SIMPLIFY_PX, True).reshape(-1, 2))
         counts[index] = len(parts[-1])
+    if given and traced_px != np.count_nonzero(labels):
+        # A box missing part of its cell (a cells table not of this image) would cut its outline silently.
+        # Each label's pixels in its box never exceed its own, so equal totals prove every box whole.
+        return label_outlines(labels)
     xy = np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros((0, 2), np.int32)
     return CellOutlines(xy, np.concatenate([[0], np.cumsum(counts)]))
 
@@ -301,6 +308,8 @@ def _cell_boxes(result: TileResult, cell_type: str, n_labels: int) -> list[tuple
     x1, y1 = x0 + cells["bbox_w"].to_numpy(np.int64), y0 + cells["bbox_h"].to_numpy(np.int64)
     height, width = result.labels[cell_type].shape
     if (x0 < 0).any() or (y0 < 0).any() or (x1 > width).any() or (y1 > height).any():
+        return None
+    if (x1 <= x0).any() or (y1 <= y0).any():
         return None
     return [
         (slice(top, bottom), slice(left, right))

@@ -223,6 +223,13 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     # the writer needs it only for the first tile's crops.
     drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="site-pages")
     listed = drafting.submit(reusable_files, folder, content.paths)
+
+    def reuse() -> Any:
+        try:
+            return listed.result()
+        except Exception as exc:  # named as the listing's failure, not as the first tile's write
+            raise StageError("listing the reused folder", str(folder), exc) from exc
+
     outlines: dict[str, Outline] = {}
     written: set[str] = set()
     n_crops = 0
@@ -240,7 +247,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     def write(tile: TileWork, result: tuple[dict[str, bytes], dict[str, Outline]]) -> None:
         nonlocal n_crops
         files, tile_outlines = result
-        write_files(folder, files, listed.result())
+        write_files(folder, files, reuse())
         outlines.update(tile_outlines)  # one writer thread: no lock needed
         written.update(files)
         n_crops += len(files)
@@ -266,7 +273,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     started, cpu_started = time.perf_counter(), time.thread_time()
     drafting_cpu_s = drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
-    write_files(folder, pages, listed.result())
+    write_files(folder, pages, reuse())
     written.update(pages)
     remove_unwritten(folder, written)
     busy = {stage: round(clock.busy_s.get(stage, 0.0), 3) for stage in ("read", "process")}
