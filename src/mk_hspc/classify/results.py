@@ -91,32 +91,62 @@ def area_histograms(final_cells: pd.DataFrame) -> Figure:
     return fig
 
 
+MIN_BIN_TISSUE_FRACTION = (
+    0.25  # bins with less tissue are left blank: a few cells over a sliver are no density
+)
+
+
+def density_grid(
+    cells: pd.DataFrame, tissue_map: TissueMap, *, bin_um: float = 100.0
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Cells per mm² of *tissue* in ``bin_um`` squares over the tissue map, and the grid's extent (µm).
+
+    The result is masked where a bin holds less than :data:`MIN_BIN_TISSUE_FRACTION` tissue, so tissue
+    without cells shows as a density of 0 and glass shows nothing; dividing by the whole bin instead
+    under-counted every bin at the tissue's edge.
+
+    Args:
+        cells: the cells to count (``centroid_x_um``, ``centroid_y_um``).
+        tissue_map: the slide's tissue mask (its frame and pixel size place the bins).
+    """
+    um_per_px = tissue_map.um_per_px
+    h, w = tissue_map.mask.shape
+    n_x, n_y = max(1, int(np.ceil(w * um_per_px / bin_um))), max(1, int(np.ceil(h * um_per_px / bin_um)))
+    edges = ((0, n_y * bin_um), (0, n_x * bin_um))
+    origin_x_um = tissue_map.origin_x * tissue_map.pixel_size_um
+    origin_y_um = tissue_map.origin_y * tissue_map.pixel_size_um
+    counts, _, _ = np.histogram2d(
+        cells["centroid_y_um"].to_numpy(float) - origin_y_um,
+        cells["centroid_x_um"].to_numpy(float) - origin_x_um,
+        bins=(n_y, n_x),
+        range=edges,
+    )
+    rows, cols = np.nonzero(tissue_map.mask)
+    tissue_px, _, _ = np.histogram2d(
+        (rows + 0.5) * um_per_px, (cols + 0.5) * um_per_px, bins=(n_y, n_x), range=edges
+    )
+    tissue_mm2 = tissue_px * (um_per_px / 1000.0) ** 2
+    enough = tissue_mm2 >= MIN_BIN_TISSUE_FRACTION * (bin_um / 1000.0) ** 2
+    density = np.divide(counts, tissue_mm2, out=np.zeros_like(counts), where=enough)
+    return np.ma.masked_array(density, mask=~enough), (0.0, n_x * bin_um, n_y * bin_um, 0.0)
+
+
 def density_map(
     final_cells: pd.DataFrame, tissue_map: TissueMap, cell_types: list[str], *, bin_um: float = 100.0
 ) -> Figure:
-    """The slide's thumbnail with each cell type's density (cells / mm² in ``bin_um`` squares) over it."""
+    """The slide's thumbnail with each cell type's density (cells / mm² of tissue, :func:`density_grid`)."""
     cells = final_cells[final_cells["is_cell"].astype(bool)]
     fig, axes = plt.subplots(1, len(cell_types), figsize=(5.5 * len(cell_types), 4.5), squeeze=False)
     h, w = tissue_map.mask.shape
-    extent_um = (0.0, w * tissue_map.um_per_px, h * tissue_map.um_per_px, 0.0)
-    origin_um = (
-        tissue_map.origin_x * tissue_map.pixel_size_um,
-        tissue_map.origin_y * tissue_map.pixel_size_um,
-    )
+    um_per_px = tissue_map.um_per_px
+    extent_um = (0.0, w * um_per_px, h * um_per_px, 0.0)
     background = tissue_map.thumbnail if tissue_map.thumbnail is not None else tissue_map.mask
-    n_x, n_y = max(1, int(np.ceil(extent_um[1] / bin_um))), max(1, int(np.ceil(extent_um[2] / bin_um)))
     for ax, cell_type in zip(axes[0], cell_types, strict=True):
         ax.imshow(background, extent=extent_um, cmap="gray" if background.ndim == 2 else None)
         rows = cells[cells["cell_type"] == cell_type]
-        histogram, _, _ = np.histogram2d(
-            rows["centroid_y_um"] - origin_um[1],
-            rows["centroid_x_um"] - origin_um[0],
-            bins=(n_y, n_x),
-            range=((0, n_y * bin_um), (0, n_x * bin_um)),
-        )
-        density = np.ma.masked_equal(histogram / (bin_um / 1000.0) ** 2, 0)
-        image = ax.imshow(density, extent=(0, n_x * bin_um, n_y * bin_um, 0), alpha=0.6, cmap="magma")
-        fig.colorbar(image, ax=ax, label="cells / mm²", shrink=0.8)
+        density, grid_extent = density_grid(rows, tissue_map, bin_um=bin_um)
+        image = ax.imshow(density, extent=grid_extent, alpha=0.6, cmap="magma", vmin=0)
+        fig.colorbar(image, ax=ax, label="cells / mm² of tissue", shrink=0.8)
         ax.set_title(f"{tissue_map.slide}: {cell_type.upper()} ({len(rows)} cells)")
         ax.set_xlabel("µm")
     fig.tight_layout()
