@@ -128,6 +128,54 @@ def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Pa
     assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
 
 
+def test_a_refused_label_stays_reported_after_the_server_was_busy_and_back(
+    tmp_path: Path, browser: Any
+) -> None:
+    """A refusal must not go unnoticed: the page kept one message for it and for "busy, will retry", so a 503
+    afterwards replaced it and the next successful save cleared both (the page then said "saved")."""
+    from starlette.responses import JSONResponse
+
+    site = site_with_page(tmp_path)
+    unknown = "S1_s0_r000_c000_mk_00003"  # on the page, not in the site's cells index: the server refuses it
+    page_html = (site.root / "page.html").read_text()
+    (site.root / "page.html").write_text(
+        page_html.replace("</main>", f'<figure class=cell data-cell="{unknown}"></figure></main>')
+    )
+    store = LabelStore(tmp_path / "labels.sqlite3")
+    app = create_app(site, store, default_annotator="alice")
+    busy = {"on": False, "left": 2}
+
+    async def sometimes_busy(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and busy["on"] and busy["left"]:
+            busy["left"] -= 1
+            await JSONResponse({"error": "overloaded"}, status_code=503)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    def state_text(page: Any) -> str:
+        return page.text_content("#save-state") or ""
+
+    with serving(sometimes_busy) as port:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/page.html")
+        page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
+        page.click(f'figure[data-cell="{unknown}"] button[value=yes]')
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "refused" not in state_text(page):
+            time.sleep(0.1)
+        assert "a label was refused" in state_text(page)
+        busy["on"] = True
+        page.click(f'figure[data-cell="{A}"] button[value=yes]')
+        deadline = time.monotonic() + 15  # busy twice, then the page's 3 s server check sends it again
+        while time.monotonic() < deadline and not store.latest("alice"):
+            time.sleep(0.2)
+        page.wait_for_timeout(500)
+        shown = state_text(page)
+        page.close()
+    assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
+    assert "a label was refused" in shown, shown
+
+
 def test_labels_are_kept_under_the_annotator_the_server_proposed(tmp_path: Path, browser: Any) -> None:
     """A page with no annotator yet takes the server's default one; its clicks must be stored in the browser
     under that annotator, not under 'anonymous' (after a reload the page shows that annotator's labels)."""

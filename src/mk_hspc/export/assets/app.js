@@ -9,7 +9,9 @@
   var KEY_LABELS_V1 = "mkhspc.labels.v1";  // one map for every annotator (before v2): read once, by its entries' annotator
   var CHOICES = [["yes", "Yes", "y"], ["no", "No", "n"], ["unsure", "?", "u"]];
   var TILE = /^(.+)_s\d+_r\d+_c\d+_([a-z0-9]+)_\d{5,}$/;
-  var serverUp = false, sending = false, lastError = "", batchLimit = 200, serverProgress = null;
+  // lastError stays shown until the page is reloaded (a refused label, full storage); retryNotice only
+  // until the server takes labels again (it was busy: nothing was refused).
+  var serverUp = false, sending = false, lastError = "", retryNotice = "", batchLimit = 200, serverProgress = null;
 
   function load(key, fallback) {
     try { var v = JSON.parse(localStorage.getItem(key)); return v === null ? fallback : v; } catch (e) { return fallback; }
@@ -85,7 +87,7 @@
     if (figures.length) { progress.textContent = done + " / " + figures.length + " labelled on this page"; }
     var state = document.getElementById("save-state");
     var text, kind;
-    if (lastError) { text = "error: " + lastError; kind = "error"; }
+    if (lastError || retryNotice) { text = "error: " + (lastError || retryNotice); kind = "error"; }
     else if (!serverUp) { text = "offline: labels kept in this browser" + (queue.length ? " (" + queue.length + " to send)" : ""); kind = "offline"; }
     else if (queue.length || sending) { text = "queued: " + queue.length + " to save"; kind = "queued"; }
     else { text = "saved"; kind = "saved"; }
@@ -142,12 +144,12 @@
         sending = false;
         if (reply.status >= 500 || reply.status === 408 || reply.status === 429) {
           // The server could not store them now (busy, a disk error): nothing was refused, send them later.
-          serverUp = false; lastError = "server said " + reply.status + "; labels kept, will retry";
+          serverUp = false; retryNotice = "server said " + reply.status + "; labels kept, will retry";
           update();
           return;
         }
         if (reply.status === 200) {
-          lastError = lastError.indexOf("will retry") >= 0 ? "" : lastError;
+          retryNotice = "";
           var acked = {};
           reply.data.acked.forEach(function (id) { acked[id] = true; });
           queue = mergedQueue().filter(function (e) { return !acked[e.event_id]; });
