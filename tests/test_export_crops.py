@@ -18,6 +18,7 @@ from mk_hspc.export.crops import (
     CropSpec,
     crop_box,
     crop_side_px,
+    crops_region,
     cut_padded,
     display_outlines,
     histogram_percentile,
@@ -125,6 +126,31 @@ def test_a_cell_larger_than_its_crop_is_outlined_along_the_crop_edge_not_across_
     assert polygon.bounds == (0.0, 0.0, 99.0, 99.0)
 
 
+def test_crops_region_is_the_union_of_the_crop_boxes() -> None:
+    rng = np.random.default_rng(5)
+    mk, hspc = CropSpec(60.0, 128), CropSpec(20.0, 80)
+    cells = {
+        spec: [
+            {"centroid_x_px": float(x), "centroid_y_px": float(y)} for x, y in rng.uniform(-500, 3000, (n, 2))
+        ]
+        for spec, n in ((mk, 3), (hspc, 40))
+    }
+    boxes = []
+    for spec, records in cells.items():
+        side = crop_side_px(spec.crop_um, 0.1725, spec.output_px)
+        boxes += [(*crop_box(c["centroid_x_px"], c["centroid_y_px"], side), side) for c in records]
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[2] for b in boxes)
+    assert crops_region([(records, spec) for spec, records in cells.items()], 0.1725) == (
+        x0,
+        y0,
+        x1 - x0,
+        y1 - y0,
+    )
+    with pytest.raises(ValueError, match="no cells"):
+        crops_region([([], mk)], 0.1725)
+
+
 @pytest.mark.parametrize("batch", [64, 2])
 def test_batched_crops_match_the_per_cell_path(
     study: Study, batch: int, monkeypatch: pytest.MonkeyPatch
@@ -185,13 +211,24 @@ def test_the_store_hands_the_outlines_of_the_cell_types_asked(study: Study) -> N
 def test_site_pipeline_names_the_failing_tile_and_closes_the_slides(study: Study, tmp_path: Path) -> None:
     closed: list[str] = []
     bad_tile = sorted(study.store.tiles)[1]
+    bad_cells = study.cells[study.cells["tile_id"] == bad_tile]
+    bad_region = crops_region(
+        [
+            (
+                bad_cells[bad_cells["cell_type"] == cell_type].to_dict("records"),
+                CropSpec(c["crop_um"], c["output_px"]),
+            )
+            for cell_type, c in EXPORT_PARAMS["cell_types"].items()
+        ],
+        read_tile_result(study.store.root, bad_tile).pixel_size_um,
+    )
 
     class Slide:
         def __init__(self, name: str) -> None:
             self.name, self.slide = name, study.loaders()[name]()
 
         def read_region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-            if (x, y, w, h) == read_tile_result(study.store.root, bad_tile).window:
+            if (x, y, w, h) == bad_region:
                 raise OSError("disk on fire")
             return self.slide.read_region(x, y, w, h)
 
@@ -214,7 +251,7 @@ def test_site_pipeline_names_a_tile_whose_crops_fail(
     real = crops_module.tile_crops
 
     def failing(tile_rgb, window_xy, *args, **kwargs):
-        if tuple(window_xy) == read_tile_result(study.store.root, bad_tile).window[:2]:
+        if tuple(kwargs["outlines_xy"]) == read_tile_result(study.store.root, bad_tile).window[:2]:
             raise ValueError("no room for crops")
         return real(tile_rgb, window_xy, *args, **kwargs)
 

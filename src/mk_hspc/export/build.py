@@ -23,7 +23,7 @@ import pandas as pd
 
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.prefetch import StageError, run_prefetched
-from mk_hspc.export.crops import CropSpec, normalisation_limits, tile_crops
+from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
 from mk_hspc.export.files import remove_unwritten, reusable_files, write_files
 from mk_hspc.export.site import (
     Outline,
@@ -42,12 +42,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TilePixels:
-    """What a tile's read stage hands to its cut stage: the window's pixels, once, and the cells' outlines."""
+    """What a tile's read stage hands to its cut stage: the pixels its crops need, read once, and the cells'
+    outlines (in the tile window's frame, whose corner is ``outlines_origin``)."""
 
     rgb: np.ndarray
     origin: tuple[int, int]
     outlines: dict[str, CellOutlines]
     pixel_size_um: float
+    outlines_origin: tuple[int, int]
 
 
 class SlidePool:
@@ -124,9 +126,10 @@ def plan_site(
     def make_tile(tile_id: str, by_type: dict[str, list[dict]]) -> TileWork:
         def read() -> TilePixels:
             result = tile_store.read_outlines(tile_id, list(by_type))
-            x, y, w, h = result.window
+            needed = [(records, specs[cell_type]) for cell_type, records in by_type.items()]
+            x, y, w, h = crops_region(needed, result.pixel_size_um)
             rgb = pool.get(result.slide).read_region(x, y, w, h)  # the one region read of this tile
-            return TilePixels(rgb, (x, y), result.outlines, result.pixel_size_um)
+            return TilePixels(rgb, (x, y), result.outlines, result.pixel_size_um, result.window[:2])
 
         def cut(pixels: TilePixels) -> tuple[dict[str, bytes], dict[str, Outline]]:
             limits = normalisation_limits(pixels.rgb, float(low_pct), float(high_pct))
@@ -142,6 +145,7 @@ def plan_site(
                     limits=limits,
                     image_format=image_format,
                     quality=quality,
+                    outlines_xy=pixels.outlines_origin,
                 )
                 for crop in crops:
                     files[crop_path(tile_id, crop.cell_id, image_format)] = crop.image

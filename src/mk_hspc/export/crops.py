@@ -126,6 +126,33 @@ def crop_box(centroid_x_px: float, centroid_y_px: float, side: int) -> tuple[int
     return x0, y0
 
 
+def crops_region(
+    cells_by_spec: list[tuple[list[dict], CropSpec]], pixel_size_um: float
+) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` (absolute CZI px) of the smallest region holding every crop of a tile's cells.
+
+    The export reads this instead of the whole tile window: the window's overlap is as wide as the largest
+    cell, while a crop reaches only half its side past its cell's centre, which the tile's core holds (the
+    demo's 3000 px tiles: 14 % less read time). A crop reaching past the window (a cell wider than the
+    overlap) shows the slide's pixels there instead of white padding.
+    """
+    x0 = y0 = np.inf
+    x1 = y1 = -np.inf
+    for cells, spec in cells_by_spec:
+        if not cells:
+            continue
+        side = crop_side_px(spec.crop_um, pixel_size_um, spec.output_px)
+        xs = np.array([cell["centroid_x_px"] for cell in cells], float)
+        ys = np.array([cell["centroid_y_px"] for cell in cells], float)
+        # crop_box, vectorised: np.round rounds halves to even as round() does
+        left, top = np.round(xs + 0.5 - side / 2), np.round(ys + 0.5 - side / 2)
+        x0, y0 = min(x0, left.min()), min(y0, top.min())
+        x1, y1 = max(x1, left.max() + side), max(y1, top.max() + side)
+    if not np.isfinite(x0):
+        raise ValueError("no cells to crop")
+    return int(x0), int(y0), int(x1 - x0), int(y1 - y0)
+
+
 def cut_padded(image: np.ndarray, x0: int, y0: int, side: int, fill: int) -> np.ndarray:
     """``image[y0:y0+side, x0:x0+side]`` with out-of-range parts filled with ``fill``."""
     height, width = image.shape[:2]
@@ -304,6 +331,7 @@ def tile_crops(
     limits: tuple[np.ndarray, np.ndarray],
     image_format: str = "webp",
     quality: int = 70,
+    outlines_xy: tuple[int, int] | None = None,
 ) -> list[Crop]:
     """Crops of ``cells`` (dicts with ``cell_id``, ``label``, ``centroid_x_px``, ``centroid_y_px``) of one tile.
 
@@ -313,26 +341,28 @@ def tile_crops(
     (in OpenCV, without the GIL). No label image is read or cut.
 
     Args:
-        tile_rgb: the tile window's pixels, read once.
-        window_xy: absolute CZI px of the window's top-left corner.
-        outlines: the tile store's outlines of this cell type (window px, by label).
+        tile_rgb: the tile's pixels, read once (its window, or the part its crops need: :func:`crops_region`).
+        window_xy: absolute CZI px of ``tile_rgb``'s top-left corner.
+        outlines: the tile store's outlines of this cell type (tile window px, by label).
         cells: the cells to crop.
         pixel_size_um: slide pixel size.
         spec: crop size in µm and output size in px.
         limits: per-channel normalisation limits of the tile.
         image_format: ``webp`` or ``jpeg``.
         quality: encoder quality (0-100).
+        outlines_xy: absolute CZI px of the tile window the outlines are in (default ``window_xy``).
     """
     if image_format not in ("webp", "jpeg"):
         raise ValueError(f"image format {image_format!r} is not one of 'webp', 'jpeg'")
+    outlines_xy = window_xy if outlines_xy is None else outlines_xy
     table = stretch_table(*limits)
     crops = []
     # Batches of a few MB: large enough for vectorised calls, small enough to stay in malloc's heap (no
     # mmap/munmap and fresh page faults per tile, which contend with the other tile workers').
     for start in range(0, len(cells), CROP_BATCH):
         crops += _crop_batch(
-            tile_rgb, window_xy, outlines, cells[start : start + CROP_BATCH], pixel_size_um, spec,
-            table, image_format, quality,
+            tile_rgb, window_xy, outlines, outlines_xy, cells[start : start + CROP_BATCH], pixel_size_um,
+            spec, table, image_format, quality,
         )  # fmt: skip
     return crops
 
@@ -344,6 +374,7 @@ def _crop_batch(
     tile_rgb: np.ndarray,
     window_xy: tuple[int, int],
     outlines: CellOutlines,
+    outlines_xy: tuple[int, int],
     cells: list[dict],
     pixel_size_um: float,
     spec: CropSpec,
@@ -377,7 +408,9 @@ def _crop_batch(
         stretched = cv2.cvtColor(stretched, cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
     stretched = stretched.reshape(n, px, px, 3)
     labels = np.array([int(cell["label"]) for cell in cells], dtype=np.int64)
-    drawn = display_outlines(outlines, labels, origins, side, px)
+    # The crop windows' corners in the outlines' frame (the tile window), from the pixels' frame.
+    shift = np.array([window_x - outlines_xy[0], window_y - outlines_xy[1]])
+    drawn = display_outlines(outlines, labels, origins + shift, side, px)
     crops = []
     jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     for i, cell in enumerate(cells):
