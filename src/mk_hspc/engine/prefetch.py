@@ -88,6 +88,26 @@ class _BoundedQueue(queue.Queue):
         self.high_water = max(self.high_water, len(self.queue))
 
 
+class StageClock:
+    """Busy and CPU seconds per stage, summed over the threads that ran it (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.busy_s: Counter[str] = Counter()
+        self.cpu_s: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def timed(self, stage: str, func: Callable[..., Any], *args: Any) -> Any:
+        """``func(*args)``, its wall and thread CPU time added to ``stage`` (also when it raises)."""
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        try:
+            return func(*args)
+        finally:
+            elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
+            with self._lock:
+                self.busy_s[stage] += elapsed
+                self.cpu_s[stage] += cpu
+
+
 class _Run:
     """Shared state of one engine run: stop flag, first error, live-item accounting, progress."""
 
@@ -101,8 +121,7 @@ class _Run:
         self.max_in_flight = 0
         self.n_done = 0
         self.totals: Counter[str] = Counter()
-        self.busy_s: Counter[str] = Counter()
-        self.cpu_s: Counter[str] = Counter()
+        self.clock = StageClock()
         self.failures: list[StageError] = []
         self._bar = bar
 
@@ -121,16 +140,6 @@ class _Run:
         if stage == "write":
             self.abort.set()
         self.stop.set()
-
-    def timed(self, stage: str, func: Callable[..., Any], *args: Any) -> Any:
-        started, cpu_started = time.perf_counter(), time.thread_time()
-        try:
-            return func(*args)
-        finally:
-            elapsed, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
-            with self._lock:
-                self.busy_s[stage] += elapsed
-                self.cpu_s[stage] += cpu
 
     def started(self) -> None:
         with self._lock:
@@ -230,7 +239,7 @@ def run_prefetched(
         def read_one(item: Item) -> bool:
             run.started()
             try:
-                data = run.timed("read", read, item)
+                data = run.clock.timed("read", read, item)
             except Exception as exc:
                 if isolate_failures:
                     run.skip("read", key(item), exc)
@@ -253,7 +262,7 @@ def run_prefetched(
         def write_one(got: tuple[Item, Result]) -> bool:
             item, result = got
             try:
-                run.timed("write", write, item, result)
+                run.clock.timed("write", write, item, result)
                 counts = describe(result) if describe else {}
             except BaseException as exc:  # reported to the caller as StageError
                 run.fail("write", key(item), exc)
@@ -304,8 +313,8 @@ def run_prefetched(
         max_write_queue=write_q.high_water,
         max_in_flight=run.max_in_flight,
         totals=dict(run.totals),
-        busy_s=dict(run.busy_s),
-        cpu_s=dict(run.cpu_s),
+        busy_s=dict(run.clock.busy_s),
+        cpu_s=dict(run.clock.cpu_s),
         failures=list(run.failures),
     )
 
@@ -331,7 +340,7 @@ def _model_loop(
         item, data = got
         del got  # drop the queue's tuple so the tile can be freed as soon as ``process`` is done with it
         try:
-            result = run.timed("process", process, item, data)
+            result = run.clock.timed("process", process, item, data)
         except Exception as exc:  # reported to the caller as StageError, or recorded and skipped
             del data
             if isolate_failures:

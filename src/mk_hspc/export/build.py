@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mk_hspc.datasets.tile_store import TileStore
-from mk_hspc.engine.prefetch import StageError, run_prefetched
+from mk_hspc.engine.prefetch import StageClock, StageError, run_prefetched
 from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
 from mk_hspc.export.files import remove_unwritten, reusable_files, write_files
 from mk_hspc.export.site import (
@@ -182,25 +182,6 @@ def _thread_cpu_s(func: Callable[[], Any]) -> float:
     return time.thread_time() - started
 
 
-class _StageClock:
-    """Busy and CPU seconds per stage, summed over the threads that ran it (thread-safe)."""
-
-    def __init__(self) -> None:
-        self.busy_s: dict[str, float] = {}
-        self.cpu_s: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def run(self, stage: str, func: Callable[..., Any], *args: Any) -> Any:
-        started, cpu_started = time.perf_counter(), time.thread_time()
-        try:
-            return func(*args)
-        finally:
-            busy, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
-            with self._lock:
-                self.busy_s[stage] = self.busy_s.get(stage, 0.0) + busy
-                self.cpu_s[stage] = self.cpu_s.get(stage, 0.0) + cpu
-
-
 def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     """Write the site into ``folder``: tile workers read and cut tiles side by side, one thread writes files.
 
@@ -237,14 +218,14 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     outlines: dict[str, Outline] = {}
     written: set[str] = set()
     n_crops = 0
-    clock = _StageClock()
+    clock = StageClock()
 
     def work(tile: TileWork) -> tuple[dict[str, bytes], dict[str, Outline]]:
         stage = "read"
         try:
-            pixels = clock.run(stage, tile.read)
+            pixels = clock.timed(stage, tile.read)
             stage = "process"
-            return clock.run(stage, tile.cut, pixels)
+            return clock.timed(stage, tile.cut, pixels)
         except Exception as exc:
             raise StageError(stage, tile.tile_id, exc) from exc
 
