@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
+from numpy.typing import ArrayLike
 from PIL import Image
 from skimage.measure import find_contours
 
@@ -114,16 +116,24 @@ def crop_side_px(crop_um: float, pixel_size_um: float, output_px: int) -> int:
     return side - side % k if k >= 2 else side
 
 
-def crop_box(centroid_x_px: float, centroid_y_px: float, side: int) -> tuple[int, int]:
-    """``(x0, y0)`` of a square crop of ``side`` px (absolute CZI px) centred on the centroid.
+def crop_box(centroid_x_px: ArrayLike, centroid_y_px: ArrayLike, side: int) -> tuple[Any, Any]:
+    """``(x0, y0)`` of square crops of ``side`` px (absolute CZI px) centred on the centroids (scalars or
+    arrays, int64).
 
     The centroid is a mean of pixel indices (pixel ``i`` is centred at ``i``, spans ``[i - .5, i + .5]``);
     ``+ 0.5`` turns it into the pixel-corner frame the window is cut in, so the cell sits at the crop's centre
-    (within the half pixel of rounding) instead of half a pixel up-left.
+    (within the half pixel of rounding) instead of half a pixel up-left. Halves round to even.
     """
-    x0 = int(round(centroid_x_px + 0.5 - side / 2))
-    y0 = int(round(centroid_y_px + 0.5 - side / 2))
+    x0 = np.round(np.asarray(centroid_x_px, np.float64) + 0.5 - side / 2).astype(np.int64)
+    y0 = np.round(np.asarray(centroid_y_px, np.float64) + 0.5 - side / 2).astype(np.int64)
     return x0, y0
+
+
+def _centroids(cells: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.array([cell["centroid_x_px"] for cell in cells], np.float64),
+        np.array([cell["centroid_y_px"] for cell in cells], np.float64),
+    )
 
 
 def crops_region(
@@ -142,10 +152,7 @@ def crops_region(
         if not cells:
             continue
         side = crop_side_px(spec.crop_um, pixel_size_um, spec.output_px)
-        xs = np.array([cell["centroid_x_px"] for cell in cells], float)
-        ys = np.array([cell["centroid_y_px"] for cell in cells], float)
-        # crop_box, vectorised: np.round rounds halves to even as round() does
-        left, top = np.round(xs + 0.5 - side / 2), np.round(ys + 0.5 - side / 2)
+        left, top = crop_box(*_centroids(cells), side)
         x0, y0 = min(x0, left.min()), min(y0, top.min())
         x1, y1 = max(x1, left.max() + side), max(y1, top.max() + side)
     if not np.isfinite(x0):
@@ -384,16 +391,13 @@ def _crop_batch(
 ) -> list[Crop]:
     n, px = len(cells), spec.output_px
     images = np.empty((n, px, px, 3), np.uint8)
-    origins = np.empty((n, 2), np.int64)
-    # crop_box inlined (the same arithmetic), one bounds check per crop: ~3 us less per crop.
     side = crop_side_px(spec.crop_um, pixel_size_um, px)
-    half, (window_x, window_y), (height, width) = side / 2 - 0.5, window_xy, tile_rgb.shape[:2]
+    (window_x, window_y), (height, width) = window_xy, tile_rgb.shape[:2]
+    x0, y0 = crop_box(*_centroids(cells), side)
+    origins = np.stack([x0 - window_x, y0 - window_y], axis=1)  # in the pixels' frame
     # Below 2x, shrink is one bilinear resize (its integer area step needs side >= 2 * px).
     one_step = side < 2 * px and side != px
-    for i, cell in enumerate(cells):
-        local_x = int(round(cell["centroid_x_px"] - half)) - window_x
-        local_y = int(round(cell["centroid_y_px"] - half)) - window_y
-        origins[i] = local_x, local_y
+    for i, (local_x, local_y) in enumerate(origins.tolist()):
         if 0 <= local_x <= width - side and 0 <= local_y <= height - side:
             pixels = tile_rgb[local_y : local_y + side, local_x : local_x + side]
         else:
