@@ -62,6 +62,21 @@ def serving(app: Any) -> Iterator[int]:
         thread.join(5)
 
 
+def busy_at_times(app: Any, busy: dict[str, Any]) -> Any:
+    """``app`` answering 503 ("overloaded", a JSON body) to label posts while ``busy["on"]``, at most
+    ``busy["left"]`` times: a server that could not store them now, and refused nothing."""
+    from starlette.responses import JSONResponse
+
+    async def maybe_busy(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and busy["on"] and busy["left"]:
+            busy["left"] -= 1
+            await JSONResponse({"error": "overloaded"}, status_code=503)(scope, receive, send)
+            return
+        await app(scope, receive, send)
+
+    return maybe_busy
+
+
 def test_a_click_made_while_browser_storage_is_full_still_reaches_the_server(
     tmp_path: Path, browser: Any
 ) -> None:
@@ -100,21 +115,10 @@ def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Pa
     """A 503 with a JSON body (an overloaded server, a proxy in front of it) refused nothing: the page keeps the
     label queued and sends it again, instead of dropping it as if the label itself were refused (before: any
     non-200 JSON reply to a single event dropped it)."""
-    from starlette.responses import JSONResponse
-
     site = site_with_page(tmp_path)
     store = LabelStore(tmp_path / "labels.sqlite3")
-    app = create_app(site, store, default_annotator="alice")
-    busy = {"left": 2}  # enough for the page's batch-of-one retry too
-
-    async def overloaded_once(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and busy["left"]:
-            busy["left"] -= 1
-            await JSONResponse({"error": "overloaded"}, status_code=503)(scope, receive, send)
-            return
-        await app(scope, receive, send)
-
-    with serving(overloaded_once) as port:
+    busy = {"on": True, "left": 2}  # enough for the page's batch-of-one retry too
+    with serving(busy_at_times(create_app(site, store, default_annotator="alice"), busy)) as port:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}/page.html")
         page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
@@ -133,8 +137,6 @@ def test_a_refused_label_stays_reported_after_the_server_was_busy_and_back(
 ) -> None:
     """A refusal must not go unnoticed: the page kept one message for it and for "busy, will retry", so a 503
     afterwards replaced it and the next successful save cleared both (the page then said "saved")."""
-    from starlette.responses import JSONResponse
-
     site = site_with_page(tmp_path)
     unknown = "S1_s0_r000_c000_mk_00003"  # on the page, not in the site's cells index: the server refuses it
     page_html = (site.root / "page.html").read_text()
@@ -142,20 +144,12 @@ def test_a_refused_label_stays_reported_after_the_server_was_busy_and_back(
         page_html.replace("</main>", f'<figure class=cell data-cell="{unknown}"></figure></main>')
     )
     store = LabelStore(tmp_path / "labels.sqlite3")
-    app = create_app(site, store, default_annotator="alice")
     busy = {"on": False, "left": 2}
-
-    async def sometimes_busy(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and busy["on"] and busy["left"]:
-            busy["left"] -= 1
-            await JSONResponse({"error": "overloaded"}, status_code=503)(scope, receive, send)
-            return
-        await app(scope, receive, send)
 
     def state_text(page: Any) -> str:
         return page.text_content("#save-state") or ""
 
-    with serving(sometimes_busy) as port:
+    with serving(busy_at_times(create_app(site, store, default_annotator="alice"), busy)) as port:
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{port}/page.html")
         page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
