@@ -1,10 +1,11 @@
-"""Fast paths of atomic outputs: the folder digest without pathlib (same value as before) and the replaced
-folder deleted in the background."""
+"""Fast paths of atomic outputs: the folder digest without pathlib (the first scheme's value unchanged), the
+listing digest from the writer's own hashes, the replaced folder deleted in the background."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -45,9 +46,36 @@ def test_folder_digest_is_unchanged(tmp_path: Path) -> None:
     (tmp_path / "elsewhere" / "f").write_bytes(b"outside")
     os.symlink(tmp_path / "elsewhere", root / "linked_folder")  # not entered, as rglob does not
     os.symlink(root / "a.b", root / "linked_file")  # a link to a file counts, as is_file() follows it
-    assert content_digest(root) == pathlib_digest(root)
+    # Manifests without a digest scheme (written before the listing digest) are checked as they were made.
+    assert content_digest(root, scheme=None) == pathlib_digest(root)
+    assert content_digest(root) == coreutils_digest(root)
     (root / "a-b" / "c.txt").write_bytes(b"changed")
-    assert content_digest(root) == pathlib_digest(root)
+    assert content_digest(root, scheme=None) == pathlib_digest(root)
+    assert content_digest(root) == coreutils_digest(root)
+
+
+def coreutils_digest(folder: Path) -> str:
+    """The README's check of a folder output's digest, run by the shell (find, sort, sha256sum)."""
+    result = subprocess.run(
+        ["bash", "-c", README_CHECK],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C"},
+    )
+    return result.stdout.split()[0]
+
+
+README_CHECK = (
+    "find . \\( -type f -o -xtype f \\) ! -path '*/.*' -printf '%P\\n' | LC_ALL=C sort "
+    "| xargs -d '\\n' sha256sum | sha256sum"
+)
+
+
+def test_the_readme_gives_the_folder_digest_check() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert README_CHECK in readme
 
 
 def test_replaced_folder_is_removed_in_the_background(tmp_path: Path) -> None:
@@ -213,7 +241,7 @@ def test_synced_digest_syncs_and_hashes_a_folder(tmp_path: Path, monkeypatch: py
         (tmp_path / name).write_text(name)
     synced = []
     monkeypatch.setattr(atomic, "fsync_tree", synced.append)
-    assert atomic.synced_digest(tmp_path) == content_digest(tmp_path) == pathlib_digest(tmp_path)
+    assert atomic.synced_digest(tmp_path) == content_digest(tmp_path) == coreutils_digest(tmp_path)
     assert atomic.synced_digest(tmp_path / "a.txt") == content_digest(tmp_path / "a.txt")
     assert synced == [tmp_path, tmp_path / "a.txt"]
 
@@ -226,3 +254,63 @@ def test_a_spare_is_dropped_once_reuse_is_turned_off(tmp_path: Path) -> None:
     assert atomic_io.spare_sibling(final).is_dir()
     AtomicDataset(site, str(final)).save(_site({"x.txt": b"y"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.save.lock", "site", "site.manifest.json"]
+
+
+def test_the_listing_digest_takes_the_writers_hashes_and_still_lists_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mk_hspc.datasets import atomic
+
+    files = {"a.txt": b"a", "b/c.txt": b"c", "b/d.txt": b"d"}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    expected = coreutils_digest(tmp_path)
+    known = {
+        name: hashlib.sha256(content).hexdigest() for name, content in files.items() if name != "b/d.txt"
+    }
+    read_back = []
+    real_file_sha256 = atomic._file_sha256
+    monkeypatch.setattr(atomic, "_file_sha256", lambda file: read_back.append(file) or real_file_sha256(file))
+    assert atomic.listing_digest(tmp_path, known) == expected
+    assert read_back == [os.path.join(tmp_path, "b", "d.txt")]  # only the file the writer did not report
+    with pytest.raises(FileNotFoundError, match="reported are not there.*gone.txt"):
+        atomic.listing_digest(tmp_path, {**known, "gone.txt": known["a.txt"]})
+
+
+def test_a_manifest_of_the_first_folder_digest_still_verifies_and_an_unknown_scheme_is_refused(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from mk_hspc.datasets.atomic import StaleOutputError, manifest_path
+
+    final = tmp_path / "site"
+    output = AtomicDataset({"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(final))
+    output.save(_site({"index.html": b"<p>x</p>"}))
+    manifest = json.loads(manifest_path(final).read_text())
+    assert manifest["digest_scheme"] == "sha256-listing"
+    assert manifest["digest"] == coreutils_digest(final)
+    # As a version before the listing digest wrote it:
+    manifest_path(final).write_text(json.dumps({"digest": pathlib_digest(final), "lineage": {}}))
+    assert AtomicDataset({"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(final))._exists()
+    manifest_path(final).write_text(json.dumps({**manifest, "digest_scheme": "blake3-listing"}))
+    with pytest.raises(StaleOutputError, match="unknown digest scheme 'blake3-listing'"):
+        AtomicDataset(
+            {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(final)
+        ).verified_manifest()
+
+
+def test_flush_behind_flushes_after_each_poke_and_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed = threading.Semaphore(0)
+    monkeypatch.setattr(atomic_io, "_syncfs", lambda path: flushed.release() or True)
+    flush = atomic_io.FlushBehind(tmp_path)
+    assert not flushed.acquire(timeout=0.2)  # nothing written, nothing flushed
+    flush.poke()
+    assert flushed.acquire(timeout=5)
+    flush.poke()
+    assert flushed.acquire(timeout=5)
+    flush.close(wait=True)
+    assert not flush._thread.is_alive()

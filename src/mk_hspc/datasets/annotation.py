@@ -43,9 +43,14 @@ class AnnotationSiteDataset(AbstractDataset[SiteContent, AnnotationSite]):
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
         self.metadata = metadata
+        self.written_sha256: dict[str, str] | None = (
+            None  # see mk_hspc.datasets.atomic.WRITTEN_SHA256_ATTRIBUTE
+        )
 
     def save(self, data: SiteContent) -> None:
         write_site(data, self._path)
+        # The sha256 of every file, hashed as it was written: AtomicDataset's digest without reading them back.
+        self.written_sha256 = data.file_sha256
 
     def load(self) -> AnnotationSite:
         index_file = self._path / CELLS_INDEX

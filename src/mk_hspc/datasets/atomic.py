@@ -23,7 +23,7 @@ import inspect
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -69,37 +69,91 @@ def held_lock(path: Path, timeout_s: float, busy: str) -> Iterator[None]:
 
 
 MANIFEST_SUFFIX = ".manifest.json"
+# ``{relative path: sha256 hex}`` of the files a wrapped folder dataset's last save wrote, when it keeps them.
+WRITTEN_SHA256_ATTRIBUTE = "written_sha256"
 
 
 class StaleOutputError(DatasetError):
     """An output does not match its manifest (cut off, edited, or written by an interrupted run)."""
 
 
-def content_digest(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative path + content, sorted); hidden entries ignored."""
+LISTING_SCHEME = "sha256-listing"
+"""The folder digest of manifests that name it (``digest_scheme``): the sha256 of the folder's ``sha256sum``
+listing, one line ``<sha256 hex>  <relative path>`` per file, sorted by path bytes. Each file is hashed on its
+own, so a writer that hashes what it writes (the annotation site, thousands of crops) hands its digests over
+instead of the whole folder being read back after the write, and anyone can check a folder with coreutils
+(README, "Checking an output"). Manifests without ``digest_scheme`` keep the first folder digest
+(:func:`stream_digest`)."""
+
+
+def content_digest(path: Path, scheme: str | None = LISTING_SCHEME) -> str:
+    """sha256 of a file; of a folder, by ``scheme`` (:data:`LISTING_SCHEME`, or None for manifests written
+    before it: :func:`stream_digest`). Hidden entries are ignored."""
+    if not path.is_dir():
+        return _file_sha256(path)
+    if scheme is None:
+        return stream_digest(path)
+    if scheme != LISTING_SCHEME:
+        raise ValueError(f"{path}: unknown digest scheme {scheme!r} (this version knows {LISTING_SCHEME!r})")
+    return listing_digest(path)
+
+
+def listing_digest(folder: Path, known_sha256: Mapping[str, str] | None = None) -> str:
+    """The :data:`LISTING_SCHEME` digest of ``folder``.
+
+    ``known_sha256``: ``{relative path: sha256 hex}`` of files whose content the caller has just written and
+    hashed; the rest are read and hashed here. The folder is always listed, so a file the caller did not write
+    still counts, and a file it names that is not there is an error, not a digest of a folder that never was
+    (hidden names aside: no digest counts them).
+
+    Raises:
+        FileNotFoundError: a path of ``known_sha256`` is not a file of ``folder``.
+    """
+    known = known_sha256 or {}
+    entries = []
+    for parts, file in _visible_files(str(folder), ()):
+        relative = "/".join(parts)
+        entries.append((os.fsencode(relative), relative, known.get(relative) or _file_sha256(file)))
+    listed = {relative for _, relative, _ in entries}
+    missing = [path for path in known if path not in listed and not _is_hidden(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder}: {len(missing)} file(s) its writer reported are not there, e.g. {sorted(missing)[:3]}"
+        )
     sha = hashlib.sha256()
-    if path.is_dir():
-        # Sorted by path components, as ``sorted(Path, ...)`` orders them ("a/b" before "a-b/c").
-        for parts, file in sorted(_visible_files(str(path), ())):
-            sha.update("/".join(parts).encode() + b"\0")
-            _update_with_file(sha, file)
-            sha.update(b"\0")
-    else:
-        _update_with_file(sha, path)
+    for path_bytes, _, file_sha in sorted(entries):
+        sha.update(file_sha.encode() + b"  " + path_bytes + b"\n")
     return sha.hexdigest()
 
 
-def synced_digest(path: Path) -> str:
-    """Make ``path`` durable (:func:`fsync_tree`) and return its :func:`content_digest`.
+def _is_hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
 
-    A folder is hashed by another thread while the sync waits for the disk: reading back thousands of small
-    files from the page cache and flushing them to disk need different resources, so the two overlap.
+
+def stream_digest(path: Path) -> str:
+    """The first folder digest (manifests without ``digest_scheme``): one sha256 over every file's relative
+    path and content in turn, sorted by path components."""
+    sha = hashlib.sha256()
+    # Sorted by path components, as ``sorted(Path, ...)`` orders them ("a/b" before "a-b/c").
+    for parts, file in sorted(_visible_files(str(path), ())):
+        sha.update("/".join(parts).encode() + b"\0")
+        _update_with_file(sha, file)
+        sha.update(b"\0")
+    return sha.hexdigest()
+
+
+def synced_digest(path: Path, known_sha256: Mapping[str, str] | None = None) -> str:
+    """Make ``path`` durable (:func:`fsync_tree`) and return its :func:`content_digest` (a folder's with the
+    digests its writer reported, see :func:`listing_digest`).
+
+    A folder is hashed by another thread while the sync waits for the disk: reading back small files from the
+    page cache and flushing them to disk need different resources, so the two overlap.
     """
     if not path.is_dir():
         fsync_tree(path)
         return content_digest(path)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="digest") as pool:
-        digest = pool.submit(content_digest, path)
+        digest = pool.submit(listing_digest, path, known_sha256)
         fsync_tree(path)
         return digest.result()
 
@@ -118,6 +172,12 @@ def _visible_files(folder: str, parts: tuple[str, ...]) -> list[tuple[tuple[str,
             elif entry.is_file():
                 files.append(((*parts, entry.name), entry.path))
     return files
+
+
+def _file_sha256(file: Path | str) -> str:
+    sha = hashlib.sha256()
+    _update_with_file(sha, file)
+    return sha.hexdigest()
 
 
 def _update_with_file(sha: Any, file: Path | str) -> None:
@@ -246,15 +306,19 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
                 take_spare(final, tmp)
             else:
                 remove_path(spare_sibling(final))  # kept while reuse_replaced was on: no longer wanted
-            self._inner(tmp).save(data)
+            inner = self._inner(tmp)
+            inner.save(data)
             failpoint(f"atomic:{final.name}:written")
-            digest = synced_digest(tmp)
+            # A folder writer may report the sha256 of each file it wrote (WRITTEN_SHA256_ATTRIBUTE): hashed from
+            # memory as it wrote them, instead of read back here.
+            digest = synced_digest(tmp, getattr(inner, WRITTEN_SHA256_ATTRIBUTE, None))
             # The manifest goes first: a crash before the data rename leaves old data under a new manifest,
             # which loads as a mismatch (refused), never as a silently accepted old output.
             write_json_atomic(
                 manifest_path(final),
                 {
                     "digest": digest,
+                    **({"digest_scheme": LISTING_SCHEME} if tmp.is_dir() else {}),
                     "lineage": dict(sorted(self.lineage.items())),
                     "written_at_unix_s": round(time.time(), 3),
                     "dataset": self._config["type"],
@@ -289,7 +353,11 @@ class AtomicDataset(VerifiedOutput, AbstractDataset[Any, Any]):
                 f"{final} has no manifest ({manifest_path(final).name}): it was not written completely by "
                 "this project (an interrupted or older run); rerun the node that writes it"
             )
-        if content_digest(final) != manifest["digest"]:
+        try:
+            current = content_digest(final, manifest.get("digest_scheme"))
+        except ValueError as exc:  # a digest scheme this version does not know (a newer version's manifest)
+            raise StaleOutputError(f"{exc}; rerun the node that writes it with this version") from None
+        if current != manifest["digest"]:
             raise StaleOutputError(
                 f"{final} does not match its manifest (cut off, edited, or left by an interrupted run); "
                 "rerun the node that writes it"

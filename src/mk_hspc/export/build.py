@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mk_hspc.atomic_io import FlushBehind
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.prefetch import StageClock, StageError, run_prefetched
 from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
@@ -216,7 +217,7 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
             raise StageError("listing the reused folder", str(folder), exc) from exc
 
     outlines: dict[str, Outline] = {}
-    written: set[str] = set()
+    written: dict[str, str] = {}  # site-relative path -> sha256 of what was written there
     n_crops = 0
     clock = StageClock()
 
@@ -232,13 +233,14 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     def write(tile: TileWork, result: tuple[dict[str, bytes], dict[str, Outline]]) -> None:
         nonlocal n_crops
         files, tile_outlines = result
-        write_files(folder, files, reuse())
-        outlines.update(tile_outlines)  # one writer thread: no lock needed
-        written.update(files)
+        write_files(folder, files, reuse(), sha256=written)  # one writer thread: no lock needed
+        flush.poke()
+        outlines.update(tile_outlines)
         n_crops += len(files)
 
     # Drafting the pages is Python work that fits where the workers wait for their first tiles' reads.
     drafted = drafting.submit(_thread_cpu_s, content.prepare)
+    flush = FlushBehind(folder)
     try:
         stats = run_prefetched(
             content.tiles,
@@ -253,14 +255,14 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
             progress=False,
         )
     finally:
+        flush.close()
         content.close()
         drafting.shutdown(wait=True)
     started, cpu_started = time.perf_counter(), time.thread_time()
     drafting_cpu_s = drafted.result()  # re-raises a drafting error
     pages = content.render(outlines)
-    write_files(folder, pages, reuse())
-    written.update(pages)
-    remove_unwritten(folder, written)
+    write_files(folder, pages, reuse(), sha256=written)
+    remove_unwritten(folder, written.keys())
     busy = {stage: round(clock.busy_s.get(stage, 0.0), 3) for stage in ("read", "process")}
     busy["write"] = round(stats.busy_s.get("write", 0.0), 3)
     busy["pages"] = round(time.perf_counter() - started, 3)
@@ -269,4 +271,5 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     cpu["pages"] = round(drafting_cpu_s + time.thread_time() - cpu_started, 3)  # drafting included
     logger.info("annotation site: %d tiles, %d crops; stage times %s", len(content.tiles), n_crops, busy)
     content.stats = {"tiles": len(content.tiles), "crops": n_crops, "busy_s": busy, "cpu_s": cpu}
+    content.file_sha256 = written
     return content.stats

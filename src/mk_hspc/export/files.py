@@ -9,9 +9,10 @@ inode is created or freed on the way (slow on ext4 without a journal just after 
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path, PurePosixPath
 
 
@@ -46,10 +47,16 @@ class Recycler:
         self.spare = spare
 
 
-def write_files(folder: Path, files: Mapping[str, bytes], recycler: Recycler | None = None) -> None:
+def write_files(
+    folder: Path,
+    files: Mapping[str, bytes],
+    recycler: Recycler | None = None,
+    sha256: dict[str, str] | None = None,
+) -> None:
     """Write ``files`` (site-relative path -> bytes) under ``folder``, over any file already there; no fsync
-    (the site dataset syncs the finished folder once). A file that is not there yet is, when ``recycler``
-    has a spare file, that file renamed.
+    (the site dataset syncs the finished folder once). A file that is not there yet is, when ``recycler`` has a
+    spare file, that file renamed. ``sha256``, if given, receives each file's sha256 (hex): the site's digest
+    without reading the files back (:func:`mk_hspc.datasets.atomic.listing_digest`).
 
     Files are opened relative to their folder's descriptor, without following a link: no path object and
     no path walk per file (a tile's few hundred crops share one folder).
@@ -74,6 +81,8 @@ def write_files(folder: Path, files: Mapping[str, bytes], recycler: Recycler | N
                 overwrite(fd, content)
             finally:
                 os.close(fd)
+            if sha256 is not None:
+                sha256[name] = hashlib.sha256(content).hexdigest()
     finally:
         for folder_fd in folder_fds.values():
             os.close(folder_fd)
@@ -121,7 +130,7 @@ def _regular_files(path: str, prefix: str) -> list[str]:
     return files
 
 
-def remove_unwritten(folder: Path, written: set[str]) -> None:
+def remove_unwritten(folder: Path, written: Collection[str]) -> None:
     """Delete every file and folder under ``folder`` that holds none of ``written`` (site-relative paths):
     what a reused folder kept from the site it held before."""
 

@@ -66,6 +66,8 @@ class SiteContent:
         threads: tile workers (each reads a tile, then cuts and encodes its crops).
         close: called once every tile has run (closes the slides the reads opened).
         stats: filled in by :func:`mk_hspc.export.build.write_site` (counts and busy time per stage).
+        file_sha256: filled in by :func:`mk_hspc.export.build.write_site`: ``{site-relative path: sha256 hex}``
+            of every file of the written site.
     """
 
     tiles: list[TileWork]
@@ -75,6 +77,7 @@ class SiteContent:
     threads: int = 1
     close: Callable[[], None] = lambda: None
     stats: dict[str, Any] = field(default_factory=dict)
+    file_sha256: dict[str, str] = field(default_factory=dict)
 
 
 def crop_path(tile_id: str, cell_id: str, image_format: str) -> str:
