@@ -299,18 +299,3 @@ def test_a_manifest_of_the_first_folder_digest_still_verifies_and_an_unknown_sch
         AtomicDataset(
             {"type": "mk_hspc.datasets.annotation.AnnotationSiteDataset"}, str(final)
         ).verified_manifest()
-
-
-def test_flush_behind_flushes_after_each_poke_and_stops(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    flushed = threading.Semaphore(0)
-    monkeypatch.setattr(atomic_io, "_syncfs", lambda path: flushed.release() or True)
-    flush = atomic_io.FlushBehind(tmp_path)
-    assert not flushed.acquire(timeout=0.2)  # nothing written, nothing flushed
-    flush.poke()
-    assert flushed.acquire(timeout=5)
-    flush.poke()
-    assert flushed.acquire(timeout=5)
-    flush.close(wait=True)
-    assert not flush._thread.is_alive()

@@ -83,44 +83,6 @@ def _syncfs(path: Path) -> bool:
         os.close(fd)
 
 
-class FlushBehind:
-    """Flushes the file system of a folder being written, in a background thread, whenever files were written
-    since its last flush (``poke``); ``close`` stops it.
-
-    Not durability, which the writer's final :func:`fsync_tree` gives: a writer of thousands of small files
-    (the annotation site) otherwise left them all to that final sync, 30-60 ms of waiting after the last
-    file on the demo study; flushed behind the writer, the final sync finds only the last few files to
-    write. One flush at a time, and the writer never waits for one.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self._folder = folder
-        self._pending = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="flush-behind", daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        """Files were written: flush once the flush under way (if any) ends."""
-        self._pending.set()
-
-    def close(self, wait: bool = False) -> None:
-        """Stop after the flush under way, if any (waited for only with ``wait``: the final sync overlaps it)."""
-        self._closed = True
-        self._pending.set()
-        if wait:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self._pending.wait()
-            self._pending.clear()
-            if self._closed:
-                return
-            with contextlib.suppress(OSError):  # a failed early flush leaves the work to the final sync
-                _syncfs(self._folder)
-
-
 @contextlib.contextmanager
 def publishing(tmp: Path, final: Path, *, fsync: bool = True) -> Iterator[Path]:
     """Write ``tmp`` in the ``with`` block; then it is renamed over ``final`` (fsynced before and after the

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mk_hspc.atomic_io import FlushBehind
 from mk_hspc.datasets.tile_store import TileStore
 from mk_hspc.engine.prefetch import StageClock, StageError, run_prefetched
 from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
@@ -234,13 +233,11 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
         nonlocal n_crops
         files, tile_outlines = result
         write_files(folder, files, reuse(), sha256=written)  # one writer thread: no lock needed
-        flush.poke()
         outlines.update(tile_outlines)
         n_crops += len(files)
 
     # Drafting the pages is Python work that fits where the workers wait for their first tiles' reads.
     drafted = drafting.submit(_thread_cpu_s, content.prepare)
-    flush = FlushBehind(folder)
     try:
         stats = run_prefetched(
             content.tiles,
@@ -255,7 +252,6 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
             progress=False,
         )
     finally:
-        flush.close()
         content.close()
         drafting.shutdown(wait=True)
     started, cpu_started = time.perf_counter(), time.thread_time()
