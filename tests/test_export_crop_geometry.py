@@ -162,3 +162,22 @@ def test_a_mostly_glass_tile_keeps_glass_white_and_the_cell_visible() -> None:
 def test_a_single_colour_tile_is_not_mapped_to_black() -> None:
     table = stretch_table(*normalisation_limits(np.full((300, 300, 3), 200, np.uint8), 0.2, 99.5))
     assert table[0, 200].min() > 0
+
+
+@pytest.mark.parametrize("side, px", [(116, 80), (81, 80), (159, 80), (60, 80), (80, 80), (348, 128)])
+def test_resized_windows_equal_one_resize_per_window(side: int, px: int) -> None:
+    """The stacked resize of shrinking windows gives the pixels of one resize per window, edges included."""
+    from mk_hspc.export.crops import WHITE, cut_padded, resized_windows
+
+    rng = np.random.default_rng(7)
+    tile = cv2.GaussianBlur(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8), (5, 5), 1.5)
+    origins = np.array([[0, 0], [37, 91], [500 - side, 400 - side], [-20, 350], [480, -15], [120, 200]])
+    images = np.empty((len(origins), px, px, 3), np.uint8)
+    resized_windows(tile, origins, side, images)
+    for image, (x, y) in zip(images, origins.tolist(), strict=True):
+        window = cut_padded(tile, x, y, side, WHITE)
+        if side < 2 * px and side != px:
+            expected = cv2.resize(window, (px, px), interpolation=cv2.INTER_LINEAR)
+        else:
+            expected = shrink(window, px)
+        np.testing.assert_array_equal(image, expected)

@@ -61,3 +61,32 @@ def test_miss_categories_at_a_binning_factor(bench) -> None:
     )
     truth = bench.Truth("binned", np.array([[7.5, 7.5]]), gate_px=4.0, labels=truth_labels)
     assert bench.miss_categories(candidates, truth, np.array([0.9]), HspcParams()) == ["too_large"]
+
+
+def _domain(bench, fractions_true: list[float], fractions_false: list[float]):
+    """One image: true nuclei on a row of points (each matched by a candidate on it), then false candidates
+    far from any; all low-score (the test's score), with the given haematoxylin fractions."""
+    n_true, n_false = len(fractions_true), len(fractions_false)
+    xy = np.array([[10.0 + 20 * k, 10.0] for k in range(n_true + n_false)])
+    ones = np.ones(n_true + n_false)
+    features = {
+        name: ones.copy() for name in ("width_um", "contrast", "area_um2", "major_um", "haematoxylin_od")
+    }
+    features["haematoxylin_fraction"] = np.array(fractions_true + fractions_false)
+    candidates = bench.Candidates(
+        features=features, kept=ones.astype(bool), xy=xy, labels=np.zeros((2, 2), np.int32), factor=1
+    )
+    return candidates, bench.Truth("hand-made", xy[:n_true], gate_px=4.0)
+
+
+def test_feature_separation_measures_within_and_across_domains(bench, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "default_score", lambda features, p: np.full(len(features["width_um"]), 0.1))
+    data = {
+        "bm_graz_1.0": [_domain(bench, [0.8, 0.9], [0.4, 0.5, 0.6])],  # true nuclei bluer
+        "challenge": [_domain(bench, [0.3, 0.35], [0.7])],  # the other way round, and paler than BM's false
+    }
+    result = bench.feature_separation(data, HspcParams(min_score=0.35))
+    assert result["n"] == {"bm_graz_true": 2, "bm_graz_false": 3, "challenge_true": 2, "challenge_false": 1}
+    auc = result["auc_true_vs_false"]["haematoxylin_fraction"]
+    assert auc == {"bm_graz": 1.0, "challenge": 0.0, "cross": 0.0}
+    assert result["auc_true_vs_false"]["width_um"] == {"bm_graz": 0.5, "challenge": 0.5, "cross": 0.5}

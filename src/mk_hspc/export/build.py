@@ -26,6 +26,7 @@ from mk_hspc.engine.prefetch import StageClock, StageError, run_prefetched
 from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
 from mk_hspc.export.files import remove_unwritten, reusable_files, write_files
 from mk_hspc.export.site import (
+    ORDERS,
     Outline,
     SiteContent,
     TileWork,
@@ -114,9 +115,15 @@ def plan_site(
             f"{missing_tiles[:3]}; rerun segmentation"
         )
     selected = cells[cells["cell_type"].isin(cell_types)]
-    pages = assign_pages(
-        selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]),
-        first=list(export.get("first_cell_ids") or ()),
+    if export["order"] not in ORDERS:  # checked here: the pages are assigned later, beside the first reads
+        raise ValueError(f"export.order {export['order']!r} is not one of {', '.join(ORDERS)}")
+    # Which page each cell is on is needed only by the pages and the site's path list, both drafted by another
+    # thread while the tile workers read their first tiles: not on the way to the first read (10 ms).
+    pages = _once(
+        lambda: assign_pages(
+            selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]),
+            first=list(export.get("first_cell_ids") or ()),
+        )
     )  # fmt: skip
     image_format = export["image_format"]
     pool = SlidePool(slide_loaders)
@@ -163,16 +170,31 @@ def plan_site(
     tiles = [make_tile(tile_id, by_tile[tile_id]) for tile_id in crowded_first]
     output_px = {cell_type: spec.output_px for cell_type, spec in specs.items()}
     draft = functools.cache(
-        lambda: draft_pages(pages, cell_types, output_px, image_format, sorted(slide_loaders))
+        lambda: draft_pages(pages(), cell_types, output_px, image_format, sorted(slide_loaders))
     )
     return SiteContent(
         tiles=tiles,
         render=lambda outlines: fill_pages(draft(), outlines),
         prepare=draft,
-        paths=lambda: site_paths(pages, cell_types, image_format),
+        paths=lambda: site_paths(pages(), cell_types, image_format),
         threads=int(export.get("threads", 2)),
         close=pool.close,
     )
+
+
+def _once(func: Callable[[], Any]) -> Callable[[], Any]:
+    """``func``'s result, computed on the first call; a call from another thread meanwhile waits for it
+    (``functools.cache`` would compute it twice: the drafting and the folder-listing threads both ask)."""
+    lock = threading.Lock()
+    result: list[Any] = []
+
+    def call() -> Any:
+        with lock:
+            if not result:
+                result.append(func())
+            return result[0]
+
+    return call
 
 
 def _thread_cpu_s(func: Callable[[], Any]) -> float:

@@ -237,6 +237,36 @@ def shrink(image: np.ndarray, output_px: int, dst: np.ndarray | None = None) -> 
     return cv2.resize(image, (output_px, output_px), dst=dst, interpolation=cv2.INTER_LINEAR)
 
 
+def resized_windows(tile_rgb: np.ndarray, origins_xy: np.ndarray, side: int, images: np.ndarray) -> None:
+    """Resize the ``side`` px windows at ``origins_xy`` (tile px; white beyond the tile) into ``images``
+    ``(n, px, px, 3)`` (:func:`shrink`).
+
+    Below 2x, shrinking is one bilinear resize, which reads no pixel outside each window: the windows are
+    stacked into one column and resized by one call, the same pixels as one call per crop in three quarters
+    of the time (the demo's 80 px nucleus crops; its integer area step needs ``side >= 2 * px``).
+    """
+    n, px = images.shape[:2]
+    height, width = tile_rgb.shape[:2]
+    stacked = px < side < 2 * px
+    windows = np.empty((n, side, side, 3), np.uint8) if stacked else None
+    for i, (local_x, local_y) in enumerate(origins_xy.tolist()):
+        if 0 <= local_x <= width - side and 0 <= local_y <= height - side:
+            pixels = tile_rgb[local_y : local_y + side, local_x : local_x + side]
+        else:
+            pixels = cut_padded(tile_rgb, local_x, local_y, side, WHITE)
+        if windows is not None:
+            windows[i] = pixels
+        elif side < px:  # enlarging: one bilinear resize
+            cv2.resize(pixels, (px, px), dst=images[i], interpolation=cv2.INTER_LINEAR)
+        else:
+            shrink(pixels, px, dst=images[i])
+    if windows is not None and n:
+        column = images.reshape(n * px, px, 3)
+        cv2.resize(
+            windows.reshape(n * side, side, 3), (px, n * px), dst=column, interpolation=cv2.INTER_LINEAR
+        )
+
+
 def display_outlines(
     outlines: CellOutlines, labels: np.ndarray, origins_xy: np.ndarray, side: int, output_px: int
 ) -> list[str]:
@@ -412,21 +442,11 @@ def _crop_batch(
     n, px = len(cells), spec.output_px
     images = np.empty((n, px, px, 3), np.uint8)
     side = crop_side_px(spec.crop_um, pixel_size_um, px)
-    (window_x, window_y), (height, width) = window_xy, tile_rgb.shape[:2]
+    window_x, window_y = window_xy
     x0, y0 = crop_box(*_centroids(cells), side)
     origins = np.stack([x0 - window_x, y0 - window_y], axis=1)  # in the pixels' frame
-    # Below 2x, shrink is one bilinear resize (its integer area step needs side >= 2 * px).
-    one_step = side < 2 * px and side != px
-    for i, (local_x, local_y) in enumerate(origins.tolist()):
-        if 0 <= local_x <= width - side and 0 <= local_y <= height - side:
-            pixels = tile_rgb[local_y : local_y + side, local_x : local_x + side]
-        else:
-            pixels = cut_padded(tile_rgb, local_x, local_y, side, WHITE)
-        # Resized first, stretched after: the lookup then runs on the small images, all at once.
-        if one_step:
-            cv2.resize(pixels, (px, px), dst=images[i], interpolation=cv2.INTER_LINEAR)
-        else:
-            shrink(pixels, px, dst=images[i])
+    # Resized first, stretched after: the lookup then runs on the small images, all at once.
+    resized_windows(tile_rgb, origins, side, images)
     stretched = cv2.LUT(images.reshape(n * px, px, 3), table)
     if image_format == "jpeg":
         stretched = cv2.cvtColor(stretched, cv2.COLOR_RGB2BGR)  # OpenCV encodes BGR
