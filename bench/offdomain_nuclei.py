@@ -47,7 +47,7 @@ import real_tissue  # noqa: E402
 from mk_hspc.models.evaluation import detection_scores, match_points  # noqa: E402
 from mk_hspc.models.segmenters.binning import bin_rgb, working_factor  # noqa: E402
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter  # noqa: E402
-from mk_hspc.models.segmenters.label_measures import label_moments, sigmoid  # noqa: E402
+from mk_hspc.models.segmenters.label_measures import label_means, label_moments, sigmoid  # noqa: E402
 from mk_hspc.models.segmenters.nuclei import (  # noqa: E402
     HspcParams,
     nucleus_score,
@@ -77,6 +77,7 @@ class Candidates:
     xy: np.ndarray  # centroids (x, y) in image pixels
     labels: np.ndarray  # working-resolution labels
     factor: int
+    rgb: np.ndarray | None = None  # the image (for the montage)
 
 
 @dataclass
@@ -90,14 +91,20 @@ class Truth:
 def image_candidates(segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_um: float) -> Candidates:
     p = segmenter.params
     factor = working_factor(pixel_size_um, p.working_pixel_size_um)
-    labels, features = segment_nuclei(separate_he(bin_rgb(rgb, factor)), pixel_size_um * factor, p)
+    stains = separate_he(bin_rgb(rgb, factor))
+    labels, features = segment_nuclei(stains, pixel_size_um * factor, p)
     n = int(labels.max())
     features["major_um"] = label_moments(labels, n)["major"] * pixel_size_um * factor
+    # Colour (feature_separation only; the score does not use it): mean stain ODs inside each candidate.
+    haematoxylin = np.maximum(label_means(stains.haematoxylin, labels, n), 0.0)
+    eosin = np.maximum(label_means(stains.eosin, labels, n), 0.0)
+    features["haematoxylin_od"] = haematoxylin
+    features["haematoxylin_fraction"] = haematoxylin / np.maximum(haematoxylin + eosin, 1e-6)
     # The segmenter at min_score 0 keeps the same pixels of every candidate that passes its filters.
     survivors = segmenter.segment(rgb, pixel_size_um).labels[::factor, ::factor] > 0
     kept = np.bincount(labels.ravel(), weights=survivors.ravel(), minlength=n + 1)[1:] > 0
     xy = np.stack([features["centroid_x"], features["centroid_y"]], axis=1)
-    return Candidates(features, kept, (xy + 0.5) * factor - 0.5, labels, factor)
+    return Candidates(features, kept, (xy + 0.5) * factor - 0.5, labels, factor, rgb)
 
 
 def load(shared: Path, overrides: dict) -> dict[str, list[tuple[Candidates, Truth]]]:
@@ -343,7 +350,155 @@ def typical_per_image(data: dict, p: HspcParams) -> dict:
     return out
 
 
-def run(shared: Path) -> dict:
+SEPARATION_FEATURES = (
+    "score",
+    "width_um",
+    "contrast",
+    "area_um2",
+    "major_um",
+    "haematoxylin_od",
+    "haematoxylin_od_vs_tile_median",
+    "haematoxylin_fraction",
+    "haematoxylin_fraction_vs_tile_median",
+)
+
+
+def low_score_groups(data: dict, p: HspcParams) -> dict[str, list[tuple[Candidates, Truth, np.ndarray]]]:
+    """Per domain and truth, the kept candidates scoring below ``min_score`` (the band the operating point
+    drops): ``(candidates, truth, indices)`` per image."""
+    groups: dict[str, list] = {}
+    for key, tag in (("bm_graz_1.0", "bm_graz"), ("challenge", "challenge")):
+        for candidates, truth in data[key]:
+            index, matched = kept_and_matched(candidates, truth)
+            low = default_score(candidates.features, p)[index] < p.min_score
+            groups.setdefault(f"{tag}_true", []).append((candidates, truth, index[matched & low]))
+            groups.setdefault(f"{tag}_false", []).append((candidates, truth, index[~matched & low]))
+    return groups
+
+
+def separation_values(candidates: Candidates, index: np.ndarray, p: HspcParams) -> dict[str, np.ndarray]:
+    features = candidates.features
+    values = {"score": default_score(features, p)[index]}
+    plausible = candidates.kept
+    for name in ("width_um", "contrast", "area_um2", "major_um", "haematoxylin_od", "haematoxylin_fraction"):
+        values[name] = features[name][index]
+    for name in ("haematoxylin_od", "haematoxylin_fraction"):
+        median = float(np.nanmedian(features[name][plausible])) if plausible.any() else np.nan
+        values[f"{name}_vs_tile_median"] = features[name][index] / median
+    return values
+
+
+def feature_separation(data: dict, p: HspcParams) -> dict:
+    """How well each candidate feature tells true from false candidates in the low-score band (ROC AUC, 0.5 =
+    not at all; below 0.5 = the other way round): within BM_GRAZ, within the challenge, and ``cross``: the
+    challenge's true low-score nuclei against BM_GRAZ's low-score candidates without a dot, which a new score
+    term would have to raise apart. Colour is measured as the haematoxylin OD and its share of H + E."""
+    from sklearn.metrics import roc_auc_score
+
+    pooled: dict[str, dict[str, np.ndarray]] = {}
+    for group, parts in low_score_groups(data, p).items():
+        per_image = [separation_values(c, index, p) for c, _, index in parts]
+        pooled[group] = {name: np.concatenate([v[name] for v in per_image]) for name in SEPARATION_FEATURES}
+
+    def auc(positive: str, negative: str, name: str) -> float | None:
+        a, b = pooled[positive][name], pooled[negative][name]
+        a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+        if not len(a) or not len(b):
+            return None
+        truth = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
+        return round(float(roc_auc_score(truth, np.concatenate([a, b]))), 3)
+
+    return {
+        "n": {group: int(len(values["score"])) for group, values in pooled.items()},
+        "auc_true_vs_false": {
+            name: {
+                "bm_graz": auc("bm_graz_true", "bm_graz_false", name),
+                "challenge": auc("challenge_true", "challenge_false", name),
+                "cross": auc("challenge_true", "bm_graz_false", name),
+            }
+            for name in SEPARATION_FEATURES
+        },
+    }
+
+
+def low_score_montage(data: dict, p: HspcParams, out: Path, per_group: int = 24, seed: int = 0) -> None:
+    """A picture of the low-score band: random crops (20 µm, seeded) of BM_GRAZ's candidates without a dot
+    and with one, and of the challenge's true nuclei lost to the score and its false candidates. Green square:
+    the candidate; yellow dots: BM_GRAZ's annotations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = low_score_groups(data, p)
+    titles = {
+        "bm_graz_false": "BM_GRAZ, no dot within the gate (counted false)",
+        "bm_graz_true": "BM_GRAZ, matched to a dot",
+        "challenge_true": "challenge, true nuclei the score drops",
+        "challenge_false": "challenge, no true nucleus",
+    }
+    rng = np.random.default_rng(seed)
+    columns, cell_px = 8, 96
+    rows = -(-per_group // columns)
+    figure, axes = plt.subplots(len(titles), 1, figsize=(columns * 1.1, len(titles) * rows * 1.1 + 0.8))
+    for axis, (group, title) in zip(axes, titles.items(), strict=True):
+        pool = [(c, t, i) for c, t, index in groups[group] for i in index.tolist()]
+        chosen = rng.choice(len(pool), min(per_group, len(pool)), replace=False) if pool else []
+        mosaic = np.full((rows * cell_px, columns * cell_px, 3), 255, np.uint8)
+        boxes, dots = [], []
+        for k, j in enumerate(chosen):
+            candidates, truth, i = pool[j]
+            crop, scale, corner = _crop_20um(candidates, truth, i, cell_px)
+            top, left = (k // columns) * cell_px, (k % columns) * cell_px
+            mosaic[top : top + cell_px, left : left + cell_px] = crop
+            boxes.append(
+                (
+                    left + (candidates.xy[i, 0] - corner[0]) * scale,
+                    top + (candidates.xy[i, 1] - corner[1]) * scale,
+                )
+            )
+            if group.startswith("bm_graz"):
+                local = (truth.xy - corner) * scale
+                inside = ((local >= 0) & (local < cell_px)).all(axis=1)
+                dots += [(left + x, top + y) for x, y in local[inside]]
+        axis.imshow(mosaic)
+        if boxes:
+            axis.plot(*np.array(boxes).T, "s", mfc="none", mec="lime", ms=6)
+        if dots:
+            axis.plot(*np.array(dots).T, "o", color="yellow", ms=3)
+        axis.set_title(f"{title} ({len(pool)} in all)", loc="left", fontsize=9)
+        axis.set_axis_off()
+    figure.suptitle(
+        f"Nucleus candidates scoring below min_score {p.min_score}: 20 µm around each (green), BM_GRAZ dots "
+        "yellow",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+
+
+def _crop_20um(
+    candidates: Candidates, truth: Truth, i: int, cell_px: int
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """The 20 µm square around candidate ``i`` (white beyond the image) at ``cell_px``; the scale and the
+    top-left corner (image px) that map image points onto it."""
+    import cv2
+
+    pixel_um = GATE_UM / truth.gate_px
+    half = int(round(10.0 / pixel_um))
+    x0, y0 = (int(round(v)) - half for v in candidates.xy[i])
+    height, width = candidates.rgb.shape[:2]
+    crop = np.full((2 * half, 2 * half, 3), 255, np.uint8)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + 2 * half, width), min(y0 + 2 * half, height)
+    crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = candidates.rgb[sy0:sy1, sx0:sx1]
+    scale = cell_px / (2 * half)
+    # Pixel centres: image point v lands at (v - corner + 0.5) * scale - 0.5 of the crop; corner shifted to match.
+    corner = np.array([x0, y0], np.float64) - 0.5 + 0.5 / scale
+    return cv2.resize(crop, (cell_px, cell_px), interpolation=cv2.INTER_AREA), scale, corner
+
+
+def run(shared: Path, montage: Path | None = None) -> dict:
     p = ClassicalSegmenter(**real_tissue.default_classical_params()["hspc"]).params
     assert isinstance(p, HspcParams)
     data = load(shared, {})
@@ -369,10 +524,13 @@ def run(shared: Path) -> dict:
         "score_bands": score_bands(data, p),
         "feature_quantiles": feature_quantiles(data, p),
         "typical_nucleus": typical_per_image(data, p),
+        "feature_separation": feature_separation(data, p),
         "score_variants": {name: measures(data, fn, p, p.min_score) for name, fn in variants.items()},
         "min_score_sweep": [measures(data, default_score, p, m) for m in real_tissue.SCORE_GRID[:9]],
         "segmentation_variants": [],
     }
+    if montage is not None:
+        low_score_montage(data, p, montage)
     for overrides in SEGMENTATION_VARIANTS:
         variant_data = load(shared, overrides)
         vp = dataclasses.replace(p, **overrides)
@@ -392,8 +550,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "offdomain_nuclei.json")
+    parser.add_argument(
+        "--montage", type=Path, default=REPO / "bench" / "results" / "offdomain_low_score.png"
+    )
     args = parser.parse_args()
-    result = run(args.shared)
+    result = run(args.shared, args.montage)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("default", "score_variants")}, indent=2))
