@@ -283,3 +283,29 @@ def test_site_pipeline_records_its_stages(study: Study, tmp_path: Path) -> None:
     assert stats["tiles"] == len(study.store.tiles) and stats["crops"] == len(study.cells)
     assert set(stats["busy_s"]) == set(stats["cpu_s"]) == {"read", "process", "write", "pages"}
     assert content.stats == stats
+
+
+def test_the_heap_is_frozen_for_the_collector_only_while_the_site_is_written(tmp_path: Path) -> None:
+    """Full collections walking the session's objects stalled the tile workers; they are frozen for the
+    write and given back afterwards, also when the write fails."""
+    import gc
+
+    from mk_hspc.export.site import SiteContent
+
+    seen = []
+
+    def render(outlines: dict) -> dict[str, bytes]:
+        seen.append(gc.get_freeze_count())
+        return {"cells.json": b'{"cells": {}}'}
+
+    before = gc.get_freeze_count()
+    write_site(SiteContent(tiles=[], render=render), tmp_path / "site")
+    assert seen[0] > before
+    assert gc.get_freeze_count() == before
+
+    def failing(outlines: dict) -> dict[str, bytes]:
+        raise RuntimeError("render failed")
+
+    with pytest.raises(RuntimeError, match="render failed"):
+        write_site(SiteContent(tiles=[], render=failing), tmp_path / "other")
+    assert gc.get_freeze_count() == before

@@ -8,11 +8,13 @@ pixels and crops, never the whole site.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,22 @@ def _once(func: Callable[[], Any]) -> Callable[[], Any]:
     return call
 
 
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Keep the cyclic garbage collector off the objects that exist before the block (``gc.freeze``), and
+    give them back to it after (``gc.unfreeze``).
+
+    A Kedro session holds ~270,000 tracked objects; the crops' allocations trigger full collections that
+    walk them all, 110-125 ms each with the GIL held, which stalled both tile workers in one export of the
+    demo study in three. Objects made in the block are still collected as usual.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _thread_cpu_s(func: Callable[[], Any]) -> float:
     """Run ``func``; the CPU seconds its thread spent."""
     started = time.thread_time()
@@ -225,6 +243,11 @@ def write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     Raises:
         StageError: a tile failed to read, cut or write (the error names the tile and the stage).
     """
+    with _heap_frozen():
+        return _write_site(content, folder)
+
+
+def _write_site(content: SiteContent, folder: Path) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     # Listing the reused folder and the new site's paths (~10 ms for 5,000 crops) runs beside the first reads;
     # the writer needs it only for the first tile's crops.
