@@ -68,9 +68,27 @@ def coreutils_digest(folder: Path) -> str:
 
 
 README_CHECK = (
-    "find . \\( -type f -o -xtype f \\) ! -path '*/.*' -printf '%P\\n' | LC_ALL=C sort "
-    "| xargs -d '\\n' sha256sum | sha256sum"
+    "find . \\( -type f -o -xtype f \\) ! -path '*/.*' -printf '%P\\0' | LC_ALL=C sort -z "
+    "| xargs -0r sha256sum -- | sha256sum"
 )
+
+
+def test_the_listing_digest_escapes_names_as_sha256sum_does(tmp_path: Path) -> None:
+    """A name with a newline cannot forge another file's line (two different folders, one digest), and names
+    with a backslash, newline or carriage return, and an empty folder, digest as coreutils does."""
+    forged, honest = tmp_path / "forged", tmp_path / "honest"
+    honest.mkdir()
+    (honest / "x").write_bytes(b"1")
+    (honest / "y").write_bytes(b"2")
+    forged.mkdir()
+    (forged / f"x\n{hashlib.sha256(b'2').hexdigest()}  y").write_bytes(b"1")
+    assert content_digest(forged) != content_digest(honest)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    assert content_digest(odd) == coreutils_digest(odd) == hashlib.sha256(b"").hexdigest()
+    for name in ("back\\slash", "new\nline", "carriage\rreturn", "plain", "--help"):
+        (odd / name).write_bytes(name.encode())
+    assert content_digest(odd) == coreutils_digest(odd)
 
 
 def test_the_readme_gives_the_folder_digest_check() -> None:

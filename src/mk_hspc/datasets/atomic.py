@@ -122,8 +122,17 @@ def listing_digest(folder: Path, known_sha256: Mapping[str, str] | None = None) 
         )
     sha = hashlib.sha256()
     for path_bytes, _, file_sha in sorted(entries):
-        sha.update(file_sha.encode() + b"  " + path_bytes + b"\n")
+        sha.update(_listing_line(path_bytes, file_sha))
     return sha.hexdigest()
+
+
+def _listing_line(path_bytes: bytes, file_sha: str) -> bytes:
+    """One ``sha256sum`` line. A name holding a backslash, newline or carriage return is escaped as coreutils
+    does (the line starts with a backslash): raw, a name with a newline could forge the lines of other files."""
+    if b"\\" in path_bytes or b"\n" in path_bytes or b"\r" in path_bytes:
+        escaped = path_bytes.replace(b"\\", b"\\\\").replace(b"\n", b"\\n").replace(b"\r", b"\\r")
+        return b"\\" + file_sha.encode() + b"  " + escaped + b"\n"
+    return file_sha.encode() + b"  " + path_bytes + b"\n"
 
 
 def _is_hidden(relative: str) -> bool:
