@@ -166,12 +166,14 @@ def test_a_single_colour_tile_is_not_mapped_to_black() -> None:
 
 @pytest.mark.parametrize("side, px", [(116, 80), (81, 80), (159, 80), (60, 80), (80, 80), (348, 128)])
 def test_resized_windows_equal_one_resize_per_window(side: int, px: int) -> None:
-    """The stacked resize of shrinking windows gives the pixels of one resize per window, edges included."""
+    """Every window is resized on its own (white beyond the tile): the pixels of resizing it alone, for
+    hundreds of windows too (a single resize of the stacked windows drifted by grey levels at 116 -> 80)."""
     from mk_hspc.export.crops import WHITE, cut_padded, resized_windows
 
     rng = np.random.default_rng(7)
     tile = cv2.GaussianBlur(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8), (5, 5), 1.5)
-    origins = np.array([[0, 0], [37, 91], [500 - side, 400 - side], [-20, 350], [480, -15], [120, 200]])
+    edges = np.array([[0, 0], [37, 91], [500 - side, 400 - side], [-20, 350], [480, -15], [120, 200]])
+    origins = np.concatenate([edges, rng.integers(0, 400 - side, (250, 2))])
     images = np.empty((len(origins), px, px, 3), np.uint8)
     resized_windows(tile, origins, side, images)
     for image, (x, y) in zip(images, origins.tolist(), strict=True):

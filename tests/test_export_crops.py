@@ -309,3 +309,17 @@ def test_the_heap_is_frozen_for_the_collector_only_while_the_site_is_written(tmp
     with pytest.raises(RuntimeError, match="render failed"):
         write_site(SiteContent(tiles=[], render=failing), tmp_path / "other")
     assert gc.get_freeze_count() == before
+
+
+def test_overlapping_site_writes_keep_the_heap_frozen_until_the_last_ends() -> None:
+    import gc
+
+    from mk_hspc.export import build
+
+    before = gc.get_freeze_count()
+    with build._heap_frozen():
+        frozen = gc.get_freeze_count()
+        with build._heap_frozen():  # a second site written meanwhile (another thread)
+            pass
+        assert gc.get_freeze_count() == frozen  # the first write's objects stay frozen
+    assert gc.get_freeze_count() == before

@@ -28,7 +28,6 @@ from mk_hspc.engine.prefetch import StageClock, StageError, run_prefetched
 from mk_hspc.export.crops import CropSpec, crops_region, normalisation_limits, tile_crops
 from mk_hspc.export.files import remove_unwritten, reusable_files, write_files
 from mk_hspc.export.site import (
-    ORDERS,
     Outline,
     SiteContent,
     TileWork,
@@ -117,15 +116,9 @@ def plan_site(
             f"{missing_tiles[:3]}; rerun segmentation"
         )
     selected = cells[cells["cell_type"].isin(cell_types)]
-    if export["order"] not in ORDERS:  # checked here: the pages are assigned later, beside the first reads
-        raise ValueError(f"export.order {export['order']!r} is not one of {', '.join(ORDERS)}")
-    # Which page each cell is on is needed only by the pages and the site's path list, both drafted by another
-    # thread while the tile workers read their first tiles: not on the way to the first read (10 ms).
-    pages = _once(
-        lambda: assign_pages(
-            selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]),
-            first=list(export.get("first_cell_ids") or ()),
-        )
+    pages = assign_pages(
+        selected, cell_types, int(export["page_size"]), export["order"], int(export["seed"]),
+        first=list(export.get("first_cell_ids") or ()),
     )  # fmt: skip
     image_format = export["image_format"]
     pool = SlidePool(slide_loaders)
@@ -172,47 +165,44 @@ def plan_site(
     tiles = [make_tile(tile_id, by_tile[tile_id]) for tile_id in crowded_first]
     output_px = {cell_type: spec.output_px for cell_type, spec in specs.items()}
     draft = functools.cache(
-        lambda: draft_pages(pages(), cell_types, output_px, image_format, sorted(slide_loaders))
+        lambda: draft_pages(pages, cell_types, output_px, image_format, sorted(slide_loaders))
     )
     return SiteContent(
         tiles=tiles,
         render=lambda outlines: fill_pages(draft(), outlines),
         prepare=draft,
-        paths=lambda: site_paths(pages(), cell_types, image_format),
+        paths=lambda: site_paths(pages, cell_types, image_format),
         threads=int(export.get("threads", 2)),
         close=pool.close,
     )
 
 
-def _once(func: Callable[[], Any]) -> Callable[[], Any]:
-    """``func``'s result, computed on the first call; a call from another thread meanwhile waits for it
-    (``functools.cache`` would compute it twice: the drafting and the folder-listing threads both ask)."""
-    lock = threading.Lock()
-    result: list[Any] = []
-
-    def call() -> Any:
-        with lock:
-            if not result:
-                result.append(func())
-            return result[0]
-
-    return call
-
-
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
     """Keep the cyclic garbage collector off the objects that exist before the block (``gc.freeze``), and
-    give them back to it after (``gc.unfreeze``).
+    give them back to it after (``gc.unfreeze``), once the last of overlapping blocks (threads writing two
+    sites) has ended.
 
     A Kedro session holds ~270,000 tracked objects; the crops' allocations trigger full collections that
     walk them all, 110-125 ms each with the GIL held, which stalled both tile workers in one export of the
     demo study in three. Objects made in the block are still collected as usual.
     """
-    gc.freeze()
+    global _freezers
+    with _FREEZE_LOCK:
+        if _freezers == 0:
+            gc.freeze()
+        _freezers += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _FREEZE_LOCK:
+            _freezers -= 1
+            if _freezers == 0:
+                gc.unfreeze()
+
+
+_FREEZE_LOCK = threading.Lock()
+_freezers = 0  # blocks inside _heap_frozen
 
 
 def _thread_cpu_s(func: Callable[[], Any]) -> float:
