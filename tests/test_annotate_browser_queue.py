@@ -7,7 +7,7 @@ import contextlib
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,8 @@ def test_a_label_the_server_could_not_store_now_is_sent_again_later(tmp_path: Pa
         page.goto(f"http://127.0.0.1:{port}/page.html")
         page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
         page.click(f'figure[data-cell="{A}"] button[value=yes]')
-        # The page's 3 s server check sends the label again. (Polled from here: the page's CSP forbids the
-        # eval that a polling wait_for_function needs.)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not store.latest("alice"):
-            time.sleep(0.2)
+        # The page's 3 s server check sends the label again.
+        _poll(lambda: store.latest("alice"), timeout_s=15, step_s=0.2)
         page.close()
     assert {row["cell_id"]: row["label"] for row in store.latest("alice")} == {A: "yes"}
 
@@ -154,15 +151,12 @@ def test_a_refused_label_stays_reported_after_the_server_was_busy_and_back(
         page.goto(f"http://127.0.0.1:{port}/page.html")
         page.wait_for_function("document.getElementById('save-state').dataset.state === 'saved'")
         page.click(f'figure[data-cell="{unknown}"] button[value=yes]')
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "refused" not in state_text(page):
-            time.sleep(0.1)
+        _poll(lambda: "refused" in state_text(page), timeout_s=10, step_s=0.1)
         assert "a label was refused" in state_text(page)
         busy["on"] = True
         page.click(f'figure[data-cell="{A}"] button[value=yes]')
-        deadline = time.monotonic() + 15  # busy twice, then the page's 3 s server check sends it again
-        while time.monotonic() < deadline and not store.latest("alice"):
-            time.sleep(0.2)
+        # busy twice, then the page's 3 s server check sends it again
+        _poll(lambda: store.latest("alice"), timeout_s=15, step_s=0.2)
         page.wait_for_timeout(500)
         shown = state_text(page)
         page.close()
@@ -186,3 +180,11 @@ def test_labels_are_kept_under_the_annotator_the_server_proposed(tmp_path: Path,
     assert {who for who, labels in stored.items() if labels} == {"alice"} and stored["alice"][A][
         "label"
     ] == "yes"
+
+
+def _poll(condition: Callable[[], Any], timeout_s: float, step_s: float) -> None:
+    """Check ``condition`` every ``step_s`` until it holds or ``timeout_s`` passes (the caller asserts after).
+    Polled from Python: the page's CSP forbids the eval that a polling ``wait_for_function`` needs."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not condition():
+        time.sleep(step_s)
