@@ -91,9 +91,8 @@ def area_histograms(final_cells: pd.DataFrame) -> Figure:
     return fig
 
 
-MIN_BIN_TISSUE_FRACTION = (
-    0.25  # bins with less tissue are left blank: a few cells over a sliver are no density
-)
+# Bins with less tissue are left blank: a few cells over a sliver are no density.
+MIN_BIN_TISSUE_FRACTION = 0.25
 
 
 def density_grid(

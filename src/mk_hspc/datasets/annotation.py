@@ -43,9 +43,8 @@ class AnnotationSiteDataset(AbstractDataset[SiteContent, AnnotationSite]):
     def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
         self._path = Path(path)
         self.metadata = metadata
-        self.written_sha256: dict[str, str] | None = (
-            None  # see mk_hspc.datasets.atomic.WRITTEN_SHA256_ATTRIBUTE
-        )
+        # Filled by save (see mk_hspc.datasets.atomic.WRITTEN_SHA256_ATTRIBUTE).
+        self.written_sha256: dict[str, str] | None = None
 
     def save(self, data: SiteContent) -> None:
         write_site(data, self._path)

@@ -385,8 +385,8 @@ def tile_crops(
 
     The cells' windows are resized into one array, so the stretch and the colour order are one vectorised
     call per batch of ``CROP_BATCH`` cells, and their stored outlines are moved onto the crops at once
-    (:func:`display_outlines`); only the resize, the outline's simplification and the encoding run per cell
-    (in OpenCV, without the GIL). No label image is read or cut.
+    (:func:`display_outlines`); only the resize and the encoding run per cell (in OpenCV, without the GIL).
+    No label image is read or cut.
 
     Args:
         tile_rgb: the tile's pixels, read once (its window, or the part its crops need: :func:`crops_region`).
