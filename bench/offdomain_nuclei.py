@@ -388,7 +388,7 @@ def separation_values(candidates: Candidates, index: np.ndarray, p: HspcParams) 
     return values
 
 
-def feature_separation(data: dict, p: HspcParams) -> dict:
+def feature_separation(groups: dict[str, list[tuple[Candidates, Truth, np.ndarray]]], p: HspcParams) -> dict:
     """How well each candidate feature tells true from false candidates in the low-score band (ROC AUC, 0.5 =
     not at all; below 0.5 = the other way round): within BM_GRAZ, within the challenge, and ``cross``: the
     challenge's true low-score nuclei against BM_GRAZ's low-score candidates without a dot, which a new score
@@ -396,7 +396,7 @@ def feature_separation(data: dict, p: HspcParams) -> dict:
     from sklearn.metrics import roc_auc_score
 
     pooled: dict[str, dict[str, np.ndarray]] = {}
-    for group, parts in low_score_groups(data, p).items():
+    for group, parts in groups.items():
         per_image = [separation_values(c, index, p) for c, _, index in parts]
         pooled[group] = {name: np.concatenate([v[name] for v in per_image]) for name in SEPARATION_FEATURES}
 
@@ -421,7 +421,13 @@ def feature_separation(data: dict, p: HspcParams) -> dict:
     }
 
 
-def low_score_montage(data: dict, p: HspcParams, out: Path, per_group: int = 24, seed: int = 0) -> None:
+def low_score_montage(
+    groups: dict[str, list[tuple[Candidates, Truth, np.ndarray]]],
+    p: HspcParams,
+    out: Path,
+    per_group: int = 24,
+    seed: int = 0,
+) -> None:
     """A picture of the low-score band: random crops (20 µm, seeded) of BM_GRAZ's candidates without a dot
     and with one, and of the challenge's true nuclei lost to the score and its false candidates. Green square:
     the candidate; yellow dots: BM_GRAZ's annotations."""
@@ -430,7 +436,6 @@ def low_score_montage(data: dict, p: HspcParams, out: Path, per_group: int = 24,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = low_score_groups(data, p)
     titles = {
         "bm_graz_false": "BM_GRAZ, no dot within the gate (counted false)",
         "bm_graz_true": "BM_GRAZ, matched to a dot",
@@ -518,19 +523,20 @@ def run(shared: Path, montage: Path | None = None) -> dict:
             lambda w: reference_width, lambda c: p.reference_contrast
         ),
     }
+    low_score = low_score_groups(data, p)  # the feature separation's and the montage's candidates
     result = {
         "default": measures(data, default_score, p, p.min_score),
         "challenge_misses": challenge_misses(data, p),
         "score_bands": score_bands(data, p),
         "feature_quantiles": feature_quantiles(data, p),
         "typical_nucleus": typical_per_image(data, p),
-        "feature_separation": feature_separation(data, p),
+        "feature_separation": feature_separation(low_score, p),
         "score_variants": {name: measures(data, fn, p, p.min_score) for name, fn in variants.items()},
         "min_score_sweep": [measures(data, default_score, p, m) for m in real_tissue.SCORE_GRID[:9]],
         "segmentation_variants": [],
     }
     if montage is not None:
-        low_score_montage(data, p, montage)
+        low_score_montage(low_score, p, montage)
     for overrides in SEGMENTATION_VARIANTS:
         variant_data = load(shared, overrides)
         vp = dataclasses.replace(p, **overrides)

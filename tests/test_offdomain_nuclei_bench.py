@@ -85,7 +85,8 @@ def test_feature_separation_measures_within_and_across_domains(bench, monkeypatc
         "bm_graz_1.0": [_domain(bench, [0.8, 0.9], [0.4, 0.5, 0.6])],  # true nuclei bluer
         "challenge": [_domain(bench, [0.3, 0.35], [0.7])],  # the other way round, and paler than BM's false
     }
-    result = bench.feature_separation(data, HspcParams(min_score=0.35))
+    p = HspcParams(min_score=0.35)
+    result = bench.feature_separation(bench.low_score_groups(data, p), p)
     assert result["n"] == {"bm_graz_true": 2, "bm_graz_false": 3, "challenge_true": 2, "challenge_false": 1}
     auc = result["auc_true_vs_false"]["haematoxylin_fraction"]
     assert auc == {"bm_graz": 1.0, "challenge": 0.0, "cross": 0.0}
