@@ -107,13 +107,16 @@ def image_candidates(segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_
     return Candidates(features, kept, (xy + 0.5) * factor - 0.5, labels, factor, rgb)
 
 
-def load(shared: Path, overrides: dict) -> dict[str, list[tuple[Candidates, Truth]]]:
-    """Candidates and truth of BM_GRAZ (at 1x, 0.85x and 1.15x its pixel size) and of the challenge."""
+def load(
+    shared: Path, overrides: dict, scales: tuple[float, ...] = (1.0, *real_tissue.SCALES)
+) -> dict[str, list[tuple[Candidates, Truth]]]:
+    """Candidates and truth of BM_GRAZ (at ``scales`` x its pixel size: 1x, 0.85x and 1.15x) and of the
+    challenge."""
     params = {**real_tissue.default_classical_params()["hspc"], "min_score": 0.0, **overrides}
     segmenter = ClassicalSegmenter(**params)
     out: dict[str, list[tuple[Candidates, Truth]]] = {}
     bm_graz = real_tissue.load_bm_graz(shared / "MICCAI2015_bone_marrow" / "BM_GRAZ")
-    for scale in (1.0, *real_tissue.SCALES):
+    for scale in scales:
         out[f"bm_graz_{scale}"] = [
             (
                 image_candidates(segmenter, image.rgb, real_tissue.BM_GRAZ_PIXEL_SIZE_UM * scale),
