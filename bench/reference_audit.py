@@ -9,7 +9,8 @@ random sample rated by eye (not by a pathologist), so the team can judge the goa
 Two steps:
 
 * ``--sample`` draws the sample from the candidates of conf/base's defaults and writes rating sheets
-  (``bench/reference_audit/sheets/*.jpg``) and ``sample.csv`` (what each tile is; raters do not open it).
+  (``bench/reference_audit/sheets/*.png``, 12 MB, not committed: the same command redraws them pixel for
+  pixel) and ``sample.csv`` (what each tile is; raters do not open it).
   * BM_GRAZ sheets mix, shuffled and without dots or scores (blind): candidates kept at the default
     ``min_score`` without a dot, candidates below it without a dot, and candidates matched to a dot (the
     control: a rater who calls those "not a nucleus" is not reliable). Question: is the outlined object
