@@ -38,6 +38,7 @@ from mk_hspc.tile_store import TILE_SUFFIX, TMP_SUFFIX
 from mk_hspc.tiling import build_tile_grid
 from tests.conftest import corrupt_first_subblock, write_czi
 from tests.test_parameters import load_parameters, problems_of, with_value
+from tests.test_prefetch import RecordingBar
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +135,22 @@ def test_two_dask_workers_give_the_local_executors_cells_and_resume_each_other(
     rerun = run_pipeline(study, store, copy.deepcopy(study.params["segmentation"]))
     assert TileStoreDataset(str(store)).load().summary["n_skipped"] == len(study.tile_sample)
     assert_same_cells(rerun, local_cells)
+
+
+def test_dask_progress_bar_shows_each_tiles_counts_when_it_counts_the_tile(
+    study: Study, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mk_hspc.engine.dask_executor as dask_executor
+
+    RecordingBar.instances.clear()
+    monkeypatch.setattr(dask_executor, "tqdm", RecordingBar)
+    segmentation = segmentation_params(study)
+    segmentation["runtime"]["progress"] = True
+    cells = run_pipeline(study, tmp_path / "tile_store", segmentation)
+    (bar,) = RecordingBar.instances
+    assert [n for n, _ in bar.drawn] == list(range(1, len(study.tile_sample) + 1))
+    final = bar.drawn[-1][1]  # the line that reaches 100 % already holds every tile's cells
+    assert sum(final.values()) == len(cells) > 0
 
 
 # ---------------------------------------------------------------------------------------- lost worker

@@ -208,3 +208,49 @@ def test_invalid_bounds_are_rejected():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc-specific")
 def test_free_heap_is_released_on_glibc():
     assert release_free_heap() is True
+
+
+class RecordingBar:
+    """A tqdm stand-in that records ``(count, postfix)`` whenever an update would draw the line."""
+
+    instances: list[RecordingBar] = []
+
+    def __init__(self, *_: object, **__: object) -> None:
+        self.n, self.postfix, self.drawn = 0, {}, []
+        RecordingBar.instances.append(self)
+
+    def __enter__(self) -> RecordingBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.drawn.append((self.n, dict(self.postfix)))
+
+    def set_postfix(self, totals: dict, refresh: bool = True) -> None:
+        self.postfix = dict(totals)
+
+
+def test_progress_bar_shows_each_tiles_counts_when_it_counts_the_tile(monkeypatch):
+    """The running totals are set before the bar advances: the line that reaches 100 % already shows every
+    tile's counts (before, each update drew the previous totals and closing drew a second, different 100 %
+    line)."""
+    import mk_hspc.engine.prefetch as prefetch
+
+    RecordingBar.instances.clear()
+    monkeypatch.setattr(prefetch, "tqdm", RecordingBar)
+    run_prefetched(
+        range(5),
+        read=lambda i: i,
+        process=lambda i, d: d,
+        write=lambda i, r: None,
+        describe=lambda r: {"cells": 2},
+        n_writers=1,
+    )
+    (bar,) = RecordingBar.instances
+    assert bar.drawn == [(k, {"cells": 2 * k}) for k in range(1, 6)]

@@ -637,9 +637,9 @@ def _drive(
                     peak_rss_mib[result["worker"]] = max(
                         peak_rss_mib.get(result["worker"], 0.0), result["peak_rss_mib"]
                     )
-                    bar.update(1)
-                    if result["cells"]:
+                    if result["cells"]:  # before the update that draws the line (see prefetch._Run)
                         bar.set_postfix(dict(totals), refresh=False)
+                    bar.update(1)
                     continue
                 record = _failure_record(future, spec)
                 if record["stage"] in ("write", "setup") or not isolate_failures:

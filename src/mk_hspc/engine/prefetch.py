@@ -151,9 +151,9 @@ class _Run:
             self.in_flight -= 1
             self.n_done += 1
             self.totals.update(counts)
-            self._bar.update(1)
-            if counts:
+            if counts:  # before the update, which draws the line: it shows this tile's counts too
                 self._bar.set_postfix(dict(self.totals), refresh=False)
+            self._bar.update(1)
 
     def put(self, q: queue.Queue, obj: Any, cancel: threading.Event) -> bool:
         """Put unless ``cancel`` is set; False means cancelled (the object was dropped)."""
