@@ -346,15 +346,14 @@ def rater_summary(rows: list[SampleRow], raters: dict[str, dict[tuple[str, int],
     """Per group: the consensus fraction (nucleus / one nucleus) and each rater's; kappa per pair of raters."""
     out: dict = {"raters": sorted(raters), "groups": {}, "kappa": {}}
     for group in [*SAMPLE_SIZES, "challenge_merged"]:
-        positive = "one_nucleus" if group == "challenge_merged" else "nucleus"
+        allowed = MERGED_LABELS if group == "challenge_merged" else BM_LABELS
+        positive = allowed[0]
         keys = [(r.sheet, r.tile) for r in rows if r.group == group]
         agreed = sum(consensus([labels[key] for labels in raters.values()], positive) for key in keys)
         out["groups"][group] = {
             "consensus": proportion(agreed, len(keys)),
             "per_rater": {
-                name: {
-                    label: sum(labels[key] == label for key in keys) for label in sorted(set(labels.values()))
-                }
+                name: {label: sum(labels[key] == label for key in keys) for label in allowed}
                 for name, labels in raters.items()
             },
         }
@@ -443,7 +442,9 @@ def main() -> None:
     result = measure(args.shared, args.folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({g: v["consensus"] for g, v in result["sample"]["groups"].items()}, indent=2))
+    print(json.dumps(result["sample"]["kappa"], indent=2))
+    print(json.dumps(result["sweep"], indent=2))
 
 
 if __name__ == "__main__":

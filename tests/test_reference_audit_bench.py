@@ -104,3 +104,37 @@ def test_check_sample_refuses_a_tile_that_left_its_group(audit) -> None:
     stale = [audit.SampleRow("bm_1", 3, "bm_graz_matched", "img", 100.0, 0.0, 0.9)]
     with pytest.raises(audit.StaleSampleError, match="sheet bm_1 tile 3"):
         audit.check_sample(stale, domains)
+
+
+def test_rater_summary_counts_a_tile_only_when_every_rater_agrees(audit) -> None:
+    rows = [
+        audit.SampleRow("bm_1", 1, "bm_graz_unmatched_low", "img", 0.0, 0.0, 0.1),
+        audit.SampleRow("bm_1", 2, "bm_graz_unmatched_low", "img", 9.0, 0.0, 0.1),
+        audit.SampleRow("bm_1", 3, "bm_graz_unmatched_low", "img", 18.0, 0.0, 0.1),
+        audit.SampleRow("challenge_1", 1, "challenge_merged", "ch", 0.0, 0.0, 0.5),
+        audit.SampleRow("challenge_1", 2, "challenge_merged", "ch", 9.0, 0.0, 0.5),
+    ]
+    raters = {
+        "a": {
+            ("bm_1", 1): "nucleus",
+            ("bm_1", 2): "nucleus",
+            ("bm_1", 3): "not_nucleus",
+            ("challenge_1", 1): "one_nucleus",
+            ("challenge_1", 2): "several_nuclei",
+        },
+        "b": {
+            ("bm_1", 1): "nucleus",
+            ("bm_1", 2): "unsure",
+            ("bm_1", 3): "not_nucleus",
+            ("challenge_1", 1): "one_nucleus",
+            ("challenge_1", 2): "several_nuclei",
+        },
+    }
+    summary = audit.rater_summary(rows, raters)
+    low = summary["groups"]["bm_graz_unmatched_low"]
+    assert (low["consensus"]["count"], low["consensus"]["n"]) == (1, 3)
+    assert low["per_rater"]["b"] == {"nucleus": 1, "not_nucleus": 1, "unsure": 1}
+    assert summary["groups"]["challenge_merged"]["consensus"]["count"] == 1
+    assert summary["groups"]["bm_graz_matched"]["consensus"]["n"] == 0
+    assert summary["kappa"]["challenge: a vs b"] == pytest.approx(1.0)
+    assert summary["kappa"]["bm: a vs b"] == pytest.approx(0.5)  # agreement 2/3, chance 1/3
