@@ -103,7 +103,9 @@ STORE = Path("data/03_primary/tile_store")
 # Catalog entries that are inputs, not outputs.
 NOT_OUTPUTS = {"raw_slides", "slide_sheet", "parameters"}
 SEGMENTATION_STARTED = re.compile(r"Segmentation: \d+ tiles, \d+ already done, \d+ to run")
-ERROR_START = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout)\b")
+# The last line of a traceback ("SomeError: ..."), or the brief display of a user error ("Error: ...", then
+# the message and a hint; mk_hspc.errors).
+ERROR_START = re.compile(r"^(Error: |[A-Za-z_][\w.]*(Error|Exception|Timeout)\b)")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 

@@ -27,6 +27,7 @@ from kedro.framework.hooks import hook_impl
 
 from mk_hspc.atomic_io import write_json_atomic
 from mk_hspc.engine.fingerprint import digest
+from mk_hspc.errors import UserError
 from mk_hspc.params_schema import validate_parameters
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ class ParameterValidationHooks:
             check_models_before_the_full_run(parameters["train"], parameters["segmentation"], *plugins)
 
 
-class StaleInputError(RuntimeError):
+class RunLockHeldError(UserError, RuntimeError):
+    """Another run holds the project's data folder (the message says which process and how to go on)."""
+
+
+class StaleInputError(UserError, RuntimeError):
     """A node's inputs were not built from one another's current versions."""
 
 
@@ -219,7 +224,7 @@ class RunLockHooks:
         try:
             lock.acquire()
         except Timeout:
-            raise RuntimeError(
+            raise RunLockHeldError(
                 f"Another mk-hspc run holds the project data folder {lock_path.parent} "
                 f"({_describe_holder(holder_path)}); wait for it to finish or stop it, then run again."
             ) from None

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from mk_hspc.errors import UserError
 from mk_hspc.tissue.detect import MAX_OD
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -26,7 +27,7 @@ UNKNOWN_KEYS = "unknown_keys"
 MAX_SHOWN_CHARS = 80  # of a wrong value quoted in a message
 
 
-class ParameterError(ValueError):
+class ParameterError(UserError, ValueError):
     """Parameters that break the schema; the message lists every problem, each with its dotted key."""
 
     def __init__(self, problems: Sequence[str]) -> None:

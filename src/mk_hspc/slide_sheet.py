@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from mk_hspc.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 UNGROUPED = "ungrouped"
@@ -22,7 +24,7 @@ REQUIRED_COLUMNS = ("slide", "group")
 _STRICT_KEY = "ingestion.slide_sheet_strict"
 
 
-class SlideSheetError(ValueError):
+class SlideSheetError(UserError, ValueError):
     """The slide sheet cannot give every slide exactly one group; the message names the file and slides."""
 
 

@@ -19,12 +19,14 @@ from typing import Any
 
 import pandas as pd
 
+from mk_hspc.errors import UserError
+
 LABELS_VERSION = 1
 LABEL_VALUES = ("yes", "no", "unsure")
 MAX_NAMED = 10  # ids quoted in a message or summary
 
 
-class LabelsError(ValueError):
+class LabelsError(UserError, ValueError):
     """A labels file that breaks the contract or names cells that do not exist; the message names them."""
 
 

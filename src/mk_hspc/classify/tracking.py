@@ -28,6 +28,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from mk_hspc.errors import UserError
+
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 VALIDATED_ALIAS = "validated"
 SHA_TAG = "model_sha256"
@@ -55,7 +57,7 @@ SEGMENTATION_PARAM = "segmentation_params_hash"
 REGISTERED_MODEL_TAG = "registered_model"
 
 
-class ModelNotValidatedError(RuntimeError):
+class ModelNotValidatedError(UserError, RuntimeError):
     """No model passed its validation gates (or the registered one cannot be trusted)."""
 
 

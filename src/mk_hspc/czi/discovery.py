@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mk_hspc.errors import UserError
+
 SLIDE_SUFFIX = ".czi"
 
 
-class DuplicateSlideNameError(ValueError):
+class DuplicateSlideNameError(UserError, ValueError):
     """Two slide files would get the same name (equal stems, ignoring letter case)."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mk_hspc.errors import UserError
 
-class CziSlideError(RuntimeError):
+
+class CziSlideError(UserError, RuntimeError):
     """A CZI file could not be opened or read.
 
     The message always names the file and the reason, so a failing run over a folder of slides

@@ -42,6 +42,7 @@ from mk_hspc.atomic_io import (
     temporary_sibling,
     write_json_atomic,
 )
+from mk_hspc.errors import UserError
 from mk_hspc.failpoints import failpoint
 
 SAVE_LOCK_TIMEOUT_S = 600
@@ -73,7 +74,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 WRITTEN_SHA256_ATTRIBUTE = "written_sha256"
 
 
-class StaleOutputError(DatasetError):
+class StaleOutputError(UserError, DatasetError):
     """An output does not match its manifest (cut off, edited, or written by an interrupted run)."""
 
 

@@ -30,6 +30,7 @@ from mk_hspc.datasets.atomic import (
 )
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.plan import SegmentationPlan
+from mk_hspc.errors import UserError
 from mk_hspc.failpoints import failpoint
 from mk_hspc.tile_store import (
     FORMAT_VERSION,
@@ -46,7 +47,7 @@ FAILURES_NAME = "failures.json"
 STORE_LOCK_NAME = ".mk_hspc_store.lock"
 
 
-class TileFailuresError(DatasetError):
+class TileFailuresError(UserError, DatasetError):
     """Some tiles could not be read or segmented; every other tile was processed and written."""
 
     def __init__(self, failed_tiles: Sequence[Mapping[str, str]], failures_file: Path) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from mk_hspc.errors import UserError
+
 LABELS_VERSION = 1
 LABEL_VALUES = ("yes", "no", "unsure")
 # Label Studio choice values (the labelling config in README) -> contract label.
@@ -28,7 +30,7 @@ CELL_ID_PATTERN = re.compile(r"^(?P<tile_id>.+_s\d+_r\d+_c\d+)_(?P<cell_type>[a-
 MAX_ANNOTATOR_CHARS = 100
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
     """A label file or request body that does not follow a supported format; the message says where."""
 
 

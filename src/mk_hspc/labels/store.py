@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mk_hspc.errors import UserError
 from mk_hspc.labels.contract import LabelEvent, iso_utc, labels_payload
 
 SCHEMA = """
@@ -41,7 +42,7 @@ CREATE TABLE IF NOT EXISTS latest (
 """
 
 
-class EventConflictError(ValueError):
+class EventConflictError(UserError, ValueError):
     """An event id already stored with other content (cell, label or annotator): a client bug or a reused id.
 
     Acknowledging it would claim a label was stored that is not; the whole request is refused instead.

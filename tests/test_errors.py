@@ -1,0 +1,85 @@
+"""User errors reach the command line as their message alone; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mk_hspc import errors
+from mk_hspc.datasets.atomic import StaleOutputError
+from mk_hspc.errors import UserError, brief_message, install_brief_excepthook, user_error_in
+from mk_hspc.params_schema import ParameterError
+from tests.conftest import _run_kedro, make_project_copy
+
+
+class BadSheet(UserError, ValueError):
+    pass
+
+
+def _raised(make: type[BaseException] | None = None) -> BaseException:
+    try:
+        try:
+            raise BadSheet("sheet.csv: slide 'a' has two groups")
+        except BadSheet as inner:
+            if make is None:
+                raise
+            raise make("Failed while loading data from dataset 'slide_sheet'") from inner
+    except BaseException as exc:  # noqa: BLE001 - the test inspects whatever was raised
+        return exc
+
+
+def test_user_error_is_found_along_the_chain_of_causes() -> None:
+    assert isinstance(user_error_in(_raised()), BadSheet)
+    wrapped = _raised(RuntimeError)  # as Kedro wraps a dataset's error
+    assert isinstance(user_error_in(wrapped), BadSheet)
+    assert user_error_in(KeyError("x")) is None
+    suppressed = RuntimeError("a bug")
+    suppressed.__context__, suppressed.__suppress_context__ = BadSheet("x"), True  # `raise ... from None`
+    assert user_error_in(suppressed) is None
+
+
+def test_project_errors_written_for_users_are_user_errors() -> None:
+    assert issubclass(ParameterError, UserError) and issubclass(StaleOutputError, UserError)
+
+
+def test_brief_message_names_the_error_and_how_to_see_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(errors.TRACEBACK_ENV_VAR, raising=False)
+    message = brief_message(_raised(RuntimeError))
+    assert message == (
+        "Error: sheet.csv: slide 'a' has two groups\n(BadSheet; MK_HSPC_TRACEBACK=1 shows the full traceback)"
+    )
+    assert brief_message(ValueError("a bug")) is None
+    monkeypatch.setenv(errors.TRACEBACK_ENV_VAR, "1")
+    assert brief_message(_raised()) is None
+
+
+def test_the_hook_prints_user_errors_and_hands_the_rest_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv(errors.TRACEBACK_ENV_VAR, raising=False)
+    handed_on: list[BaseException] = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, exc, tb: handed_on.append(exc))
+    install_brief_excepthook()
+    install_brief_excepthook()  # idempotent: one brief hook in front of the previous one
+    user, bug = _raised(), ValueError("a bug")
+    sys.excepthook(type(user), user, user.__traceback__)
+    sys.excepthook(type(bug), bug, bug.__traceback__)
+    assert handed_on == [bug]
+    assert capsys.readouterr().err.startswith("Error: sheet.csv: slide 'a' has two groups\n")
+
+
+@pytest.mark.slow
+def test_kedro_run_with_a_bad_parameter_prints_the_message_without_a_traceback(tmp_path: Path) -> None:
+    project = make_project_copy(tmp_path / "project")
+    args = ("run", "--pipelines", "segmentation", "--params", "segmentation.device=tpu")
+    result = _run_kedro(project, args, timeout=300)
+    assert result.returncode == 1
+    assert (
+        "Error: Invalid parameters:\n  segmentation.device: should be auto, cpu, cuda or cuda:N, got 'tpu'"
+        in (result.stderr)
+    )
+    assert "Traceback" not in result.stderr
+    full = _run_kedro(project, args, timeout=300, extra_env={errors.TRACEBACK_ENV_VAR: "1"})
+    assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
