@@ -41,7 +41,17 @@ def test_user_error_is_found_along_the_chain_of_causes() -> None:
 
 
 def test_project_errors_written_for_users_are_user_errors() -> None:
-    assert issubclass(ParameterError, UserError) and issubclass(StaleOutputError, UserError)
+    from mk_hspc.datasets.slide_folder import UnknownSlideOverrideError
+    from mk_hspc.engine.plugins import TileOverlapError
+    from mk_hspc.hooks import RunLockHeldError
+    from mk_hspc.models.torch_device import WeightsFileError, WeightsNotFoundError
+    from mk_hspc.slide_sheet import SlideSheetError
+
+    for kind in (ParameterError, StaleOutputError, SlideSheetError, RunLockHeldError, TileOverlapError):
+        assert issubclass(kind, UserError), kind
+    for kind in (UnknownSlideOverrideError, WeightsFileError, WeightsNotFoundError):
+        assert issubclass(kind, UserError), kind
+    assert issubclass(WeightsNotFoundError, FileNotFoundError)  # callers that catch the built-in still do
 
 
 def test_brief_message_names_the_error_and_how_to_see_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,10 +18,15 @@ from mk_hspc.czi import CziSlide, open_slide
 from mk_hspc.czi.container import file_identity
 from mk_hspc.czi.discovery import find_slides
 from mk_hspc.engine.fingerprint import digest
+from mk_hspc.errors import UserError
 
 SlideLoaders = dict[str, Callable[[], CziSlide]]
 # `open_slide` options that change how fast pixels are read, never which pixels.
 SPEED_OPTIONS = frozenset({"strip_mib", "cache_mib", "thread_mode"})
+
+
+class UnknownSlideOverrideError(UserError, DatasetError):
+    """``pixel_size_um_by_slide`` names a slide the folder does not hold (a typo would go unnoticed)."""
 
 
 class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
@@ -61,7 +66,7 @@ class SlideFolderDataset(AbstractDataset[None, SlideLoaders]):
         slides = find_slides(self._path)
         unknown = sorted(set(self._pixel_size_um_by_slide) - set(slides))
         if unknown:
-            raise DatasetError(
+            raise UnknownSlideOverrideError(
                 f"pixel_size_um_by_slide names slide(s) {unknown} that are not in {self._path} "
                 f"(slides: {sorted(slides)}); a slide is named by its file stem"
             )

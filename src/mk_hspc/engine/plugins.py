@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mk_hspc.errors import UserError
 from mk_hspc.models import create_feature_extractor, create_segmenter
 from mk_hspc.models.base import FeatureExtractor, Segmenter
 from mk_hspc.models.registry import FEATURE_GROUP, SEGMENTER_GROUP, available_plugins, plugin_class
@@ -46,6 +47,10 @@ class PluginChoice:
     name: str
     params: Mapping[str, Any]
     key: str
+
+
+class TileOverlapError(UserError, ValueError):
+    """A segmenter's largest cell is wider than the tiles' overlap: cells could be split at tile edges."""
 
 
 def chosen_plugins(segmentation: Mapping[str, Any]) -> tuple[dict[str, PluginChoice], list[PluginChoice]]:
@@ -207,7 +212,7 @@ def check_overlap_covers_cells(segmenters: Mapping[str, Any], largest_cell_um: f
             continue
         diameter_um = 2.0 * math.sqrt(float(max_area_um2) / math.pi)
         if diameter_um > largest_cell_um:
-            raise ValueError(
+            raise TileOverlapError(
                 f"segmentation.segmenters.{cell_type}: max_area_um2 = {max_area_um2} allows cells "
                 f"{diameter_um:.1f} µm across, more than ingestion.tiles.largest_cell_um = {largest_cell_um} "
                 "(the tile overlap); raise largest_cell_um to at least that, or lower max_area_um2"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from mk_hspc.errors import UserError
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -62,6 +64,14 @@ def inference_context(device: torch.device, use_bfloat16: bool = True) -> Iterat
                 yield
 
 
+class WeightsNotFoundError(UserError, FileNotFoundError):
+    """A configured weights file does not exist (weights are never downloaded)."""
+
+
+class WeightsFileError(UserError, ValueError):
+    """A configured weights file exists but cannot be weights (empty)."""
+
+
 def require_file(path: str | Path, what: str) -> Path:
     """Return ``path`` as a ``Path`` or raise ``FileNotFoundError`` naming it.
 
@@ -70,12 +80,12 @@ def require_file(path: str | Path, what: str) -> Path:
     """
     resolved = Path(path).expanduser()
     if not resolved.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"{what} not found at {str(resolved)!r} (absolute: {str(resolved.resolve())!r}). Weights are "
             "never downloaded: put the file there or point the parameter at a local copy."
         )
     if resolved.stat().st_size == 0:
-        raise ValueError(
+        raise WeightsFileError(
             f"{what} at {str(resolved)!r} is an empty file (0 bytes; an interrupted copy?); "
             "copy the real weights there"
         )
