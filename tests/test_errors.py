@@ -40,6 +40,17 @@ def test_user_error_is_found_along_the_chain_of_causes() -> None:
     assert user_error_in(suppressed) is None
 
 
+def test_an_error_raised_while_handling_a_user_error_keeps_its_traceback() -> None:
+    try:
+        try:
+            raise BadSheet("sheet.csv: slide 'a' has two groups")
+        except BadSheet:
+            None.group  # noqa: B018 - a bug in the error handling
+    except AttributeError as exc:
+        assert isinstance(exc.__context__, BadSheet)
+        assert user_error_in(exc) is None and brief_message(exc) is None
+
+
 def test_project_errors_written_for_users_are_user_errors() -> None:
     from mk_hspc.datasets.slide_folder import UnknownSlideOverrideError
     from mk_hspc.engine.plugins import TileOverlapError

@@ -21,14 +21,16 @@ class UserError(Exception):
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
-    """The first :class:`UserError` along ``exc``'s chain of causes (Kedro wraps dataset errors), if any."""
+    """The first :class:`UserError` along ``exc``'s explicit causes (``raise ... from``: how Kedro wraps a
+    dataset's error), if any. An implicit context is not followed: an error raised while another was being
+    handled is a new problem (often a bug) and keeps its traceback."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         if isinstance(current, UserError):
             return current
         seen.add(id(current))
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        current = current.__cause__
     return None
 
 
