@@ -171,12 +171,14 @@ def run_env(failpoint: str | None = None) -> dict[str, str]:
     return env
 
 
-def kedro(project: Path, *args: str, failpoint: str | None = None) -> Run:
+def kedro(
+    project: Path, *args: str, failpoint: str | None = None, extra_env: dict[str, str] | None = None
+) -> Run:
     started = time.perf_counter()
     result = subprocess.run(
         [str(KEDRO), *args],
         cwd=project,
-        env=run_env(failpoint),
+        env=run_env(failpoint) | (extra_env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -916,8 +918,10 @@ def run_lock_held(reference_project: Path, work: Path, reference: dict[str, Load
 
 # ------------------------------------------------------------------------------------------------- main
 def code_under_test(project: Path, run: Run) -> dict[str, Any]:
-    """Which mk_hspc the kedro runs import: the copy's src/ (from its tracebacks), equal to this worktree's."""
-    roots = sorted(set(re.findall(r'File "([^"]+)/mk_hspc/[\w/]+\.py"', run.output)))
+    """Which mk_hspc the kedro runs import: the copy's src/ (from the traceback of ``run`` repeated with
+    ``MK_HSPC_TRACEBACK=1``: users see bad input without one), equal to this worktree's."""
+    traced = kedro(project, *run.args, extra_env={"MK_HSPC_TRACEBACK": "1"})
+    roots = sorted(set(re.findall(r'File "([^"]+)/mk_hspc/[\w/]+\.py"', traced.output)))
     return {
         "kedro_run_imports_mk_hspc_from": roots,
         "copy_src_equals_worktree_src": content_digest(project / "src" / "mk_hspc")
