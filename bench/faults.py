@@ -924,6 +924,7 @@ def code_under_test(project: Path, run: Run) -> dict[str, Any]:
     roots = sorted(set(re.findall(r'File "([^"]+)/mk_hspc/[\w/]+\.py"', traced.output)))
     return {
         "kedro_run_imports_mk_hspc_from": roots,
+        "kedro_run_imports_the_copy": roots == [str(project / "src")],
         "copy_src_equals_worktree_src": content_digest(project / "src" / "mk_hspc")
         == content_digest(REPO / "src" / "mk_hspc"),
         "worktree_commit": subprocess.run(

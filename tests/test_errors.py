@@ -5,11 +5,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import kedro
 import pytest
 
 from mk_hspc import errors
 from mk_hspc.datasets.atomic import StaleOutputError
-from mk_hspc.errors import UserError, brief_message, install_brief_excepthook, user_error_in
+from mk_hspc.errors import (
+    UserError,
+    brief_message,
+    describe_error,
+    install_brief_excepthook,
+    user_error_in,
+)
 from mk_hspc.params_schema import ParameterError
 from tests.conftest import _run_kedro, make_project_copy
 
@@ -52,17 +59,35 @@ def test_an_error_raised_while_handling_a_user_error_keeps_its_traceback() -> No
 
 
 def test_project_errors_written_for_users_are_user_errors() -> None:
+    from mk_hspc.classify.labels import LabelsError
+    from mk_hspc.classify.tracking import ModelNotValidatedError
+    from mk_hspc.czi.discovery import DuplicateSlideNameError
+    from mk_hspc.czi.errors import CziSlideError
     from mk_hspc.datasets.slide_folder import UnknownSlideOverrideError
+    from mk_hspc.datasets.tile_store import BadInputTilesError, TileFailuresError
     from mk_hspc.engine.plugins import TileOverlapError
-    from mk_hspc.hooks import RunLockHeldError
+    from mk_hspc.hooks import RunLockHeldError, StaleInputError
+    from mk_hspc.labels.contract import LabelFileError
+    from mk_hspc.labels.store import EventConflictError
     from mk_hspc.models.torch_device import WeightsFileError, WeightsNotFoundError
     from mk_hspc.slide_sheet import SlideSheetError
 
-    for kind in (ParameterError, StaleOutputError, SlideSheetError, RunLockHeldError, TileOverlapError):
+    user_errors = (
+        ParameterError, StaleOutputError, StaleInputError, SlideSheetError, DuplicateSlideNameError,
+        CziSlideError, LabelsError, LabelFileError, EventConflictError, ModelNotValidatedError,
+        RunLockHeldError, TileOverlapError, UnknownSlideOverrideError, WeightsFileError, WeightsNotFoundError,
+        BadInputTilesError,
+    )  # fmt: skip
+    for kind in user_errors:
         assert issubclass(kind, UserError), kind
-    for kind in (UnknownSlideOverrideError, WeightsFileError, WeightsNotFoundError):
-        assert issubclass(kind, UserError), kind
+    # Tiles that failed on a bug are not bad input: that error keeps its traceback.
+    assert not issubclass(TileFailuresError, UserError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError)  # callers that catch the built-in still do
+
+
+def test_describe_error_names_the_type_of_anything_but_a_user_error() -> None:
+    assert describe_error(KeyError("typo_key")) == "KeyError: 'typo_key'"
+    assert describe_error(BadSheet("sheet.csv: two groups")) == "sheet.csv: two groups"
 
 
 def test_brief_message_names_the_error_and_how_to_see_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,8 +97,11 @@ def test_brief_message_names_the_error_and_how_to_see_the_traceback(monkeypatch:
         "Error: sheet.csv: slide 'a' has two groups\n(BadSheet; MK_HSPC_TRACEBACK=1 shows the full traceback)"
     )
     assert brief_message(ValueError("a bug")) is None
-    monkeypatch.setenv(errors.TRACEBACK_ENV_VAR, "1")
-    assert brief_message(_raised()) is None
+    monkeypatch.setenv(errors.TRACEBACK_ENV_VAR, "false")
+    assert brief_message(_raised()) is not None
+    for on in ("1", "true", "yes"):
+        monkeypatch.setenv(errors.TRACEBACK_ENV_VAR, on)
+        assert brief_message(_raised()) is None
 
 
 def test_the_hook_prints_user_errors_and_hands_the_rest_on(
@@ -104,3 +132,10 @@ def test_kedro_run_with_a_bad_parameter_prints_the_message_without_a_traceback(t
     assert "Traceback" not in result.stderr
     full = _run_kedro(project, args, timeout=300, extra_env={errors.TRACEBACK_ENV_VAR: "1"})
     assert full.returncode == 1 and "Traceback (most recent call last)" in full.stderr
+    # Kedro's rich logging config (also its fallback for a run from a sub-folder) installs rich's own
+    # excepthook when logging is configured; the brief one is installed after it, from a hook.
+    rich = Path(kedro.__file__).parent / "framework" / "project" / "rich_logging.yml"
+    for extra, cwd in (({"KEDRO_LOGGING_CONFIG": str(rich)}, project), ({}, project / "conf")):
+        result = _run_kedro(cwd, args, timeout=300, extra_env=extra)
+        assert result.returncode == 1 and "Error: Invalid parameters:" in result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr

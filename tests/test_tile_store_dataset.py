@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pickle
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,11 +12,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from mk_hspc.czi.errors import CziSlideError
 from mk_hspc.datasets.atomic import StaleOutputError, manifest_path
-from mk_hspc.datasets.tile_store import TileFailuresError, TileStoreDataset, read_failures
+from mk_hspc.datasets.tile_store import (
+    BadInputTilesError,
+    TileFailuresError,
+    TileStoreDataset,
+    read_failures,
+)
 from mk_hspc.engine import fingerprint
 from mk_hspc.engine.plan import SegmentationPlan
 from mk_hspc.engine.tile_work import SegmentationSettings, compute_params_hash, segment_tiles
+from mk_hspc.errors import UserError, brief_message
 from mk_hspc.tile_store import tile_path
 from tests.test_tile_work import (
     ArraySlide,
@@ -80,7 +88,10 @@ def test_a_failing_tile_is_recorded_and_every_other_tile_is_done(tmp_path: Path,
     bad_tiles = sorted(sample.loc[sample["x"] == bad_x, "tile_id"])
     assert [f["tile_id"] for f in failed.value.failed_tiles] == bad_tiles
     assert [f["tile_id"] for f in read_failures(tmp_path / "store")] == bad_tiles
-    assert "corrupt subblock" in read_failures(tmp_path / "store")[0]["error"]
+    # Not bad input the code knows (a bare OSError): the record names its type, the error keeps a traceback.
+    assert read_failures(tmp_path / "store")[0]["error"] == "OSError: corrupt subblock at this position"
+    assert read_failures(tmp_path / "store")[0]["user_error"] is False
+    assert not isinstance(failed.value, UserError) and brief_message(failed.value) is None
     done = sorted(set(sample["tile_id"]) - set(bad_tiles))
     assert all(tile_path(tmp_path / "store", t, "slide_a").exists() for t in done)
     assert not dataset.exists()  # incomplete: --only-missing-outputs reruns segmentation
@@ -91,6 +102,30 @@ def test_a_failing_tile_is_recorded_and_every_other_tile_is_done(tmp_path: Path,
     summary = dataset.load().summary
     assert summary["n_processed"] == len(bad_tiles) and summary["n_skipped"] == len(done)
     assert read_failures(tmp_path / "store") == []
+
+
+class CorruptRegionSlide(FlakySlide):
+    """Fails one region as the CZI reader does on a corrupt subblock (a user error naming the file)."""
+
+    def read_region(self, x: int, y: int, w: int, h: int, scale: float = 1.0) -> np.ndarray:
+        if x == self.bad_x:
+            raise CziSlideError(
+                Path("slide_a.czi"), "reading region (0, 0, 10, 10) at zoom 1 failed (corrupt)"
+            )
+        return ArraySlide.read_region(self, x, y, w, h, scale)
+
+
+def test_tiles_failing_only_on_bad_input_are_shown_briefly(tmp_path: Path, study, monkeypatch) -> None:
+    monkeypatch.delenv("MK_HSPC_TRACEBACK", raising=False)
+    rgb, sample = study
+    slide = CorruptRegionSlide(rgb, int(sample["x"].iloc[3]))
+    dataset = TileStoreDataset(str(tmp_path / "store"))
+    with pytest.raises(BadInputTilesError) as failed:
+        dataset.save(plan_for(sample, {"slide_a": lambda: slide}))
+    record = read_failures(tmp_path / "store")[0]
+    assert record["user_error"] is True and record["error"].startswith("slide_a.czi: reading region")
+    assert brief_message(failed.value).startswith("Error: ")
+    assert pickle.loads(pickle.dumps(failed.value)).failed_tiles == failed.value.failed_tiles
 
 
 def test_a_slide_that_cannot_be_opened_fails_its_tiles_only(tmp_path: Path, study) -> None:

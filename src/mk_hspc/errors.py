@@ -20,6 +20,12 @@ class UserError(Exception):
     """Mixin of errors whose message names the file or key and the problem: shown without a traceback."""
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a record of a failure: a user error's own message; anything else prefixed with its type
+    (a bug's bare message can be as short as ``'typo_key'`` for a ``KeyError``)."""
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The first :class:`UserError` along ``exc``'s explicit causes (``raise ... from``: how Kedro wraps a
     dataset's error), if any. An implicit context is not followed: an error raised while another was being
@@ -37,7 +43,13 @@ def user_error_in(exc: BaseException) -> UserError | None:
 def brief_message(exc: BaseException) -> str | None:
     """The lines to print instead of a traceback, or None when ``exc`` deserves its traceback."""
     user = user_error_in(exc)
-    if user is None or os.environ.get(TRACEBACK_ENV_VAR, "") not in ("", "0"):
+    if user is None or os.environ.get(TRACEBACK_ENV_VAR, "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+        "off",
+    ):
         return None
     return f"Error: {user}\n({type(user).__name__}; {TRACEBACK_ENV_VAR}=1 shows the full traceback)"
 

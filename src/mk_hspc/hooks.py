@@ -27,13 +27,26 @@ from kedro.framework.hooks import hook_impl
 
 from mk_hspc.atomic_io import write_json_atomic
 from mk_hspc.engine.fingerprint import digest
-from mk_hspc.errors import UserError
+from mk_hspc.errors import UserError, install_brief_excepthook
 from mk_hspc.params_schema import validate_parameters
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".mk_hspc_run.lock"
 HOLDER_NAME = ".mk_hspc_run.holder.json"
+
+
+class BriefErrorHooks:
+    """Shows bad input as its message alone (:func:`mk_hspc.errors.install_brief_excepthook`).
+
+    Installed once Kedro has configured logging: its rich handler replaces ``sys.excepthook`` when it is set
+    up (e.g. a ``kedro run`` from a sub-folder falls back to Kedro's rich logging config), so a hook
+    installed before would be dropped; installed after, it wraps rich's. Nothing changes on import.
+    """
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        install_brief_excepthook()
 
 
 class ParameterValidationHooks:

@@ -8,20 +8,17 @@ import os
 
 from kedro.config import OmegaConfigLoader
 
-from mk_hspc.errors import install_brief_excepthook
-from mk_hspc.hooks import ParameterValidationHooks, ProvenanceHooks, RunLockHooks
+from mk_hspc.hooks import BriefErrorHooks, ParameterValidationHooks, ProvenanceHooks, RunLockHooks
 
+# Bad input stops a `kedro ...` command with its message alone, not ~50 lines of framework frames above it
+# (mk_hspc.errors; MK_HSPC_TRACEBACK=1 brings the traceback back); other errors keep their traceback.
 # Parameters are validated first (tryfirst), then the run lock is taken; provenance checks each node's inputs
 # and hands its outputs their lineage.
-HOOKS = (ParameterValidationHooks(), RunLockHooks(), ProvenanceHooks())
+HOOKS = (BriefErrorHooks(), ParameterValidationHooks(), RunLockHooks(), ProvenanceHooks())
 
 # MLflow never unpickles in this project: models are stored with skops and loaded by
 # mk_hspc.classify.tracking.load_validated_model after its own checks (see the README's Classification).
 os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-
-# Bad input stops a `kedro ...` command with its message alone, not ~50 lines of framework frames above it
-# (mk_hspc.errors; MK_HSPC_TRACEBACK=1 brings the traceback back). Other errors keep their traceback.
-install_brief_excepthook()
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

@@ -163,7 +163,10 @@ def build_training_set(
     if len(training):
         missing = sorted(set(training["cell_id"]) - set(features.index.astype(str)))
         if missing:
-            raise LabelsError(f"no features for {len(missing)} labelled cell(s), e.g. {missing[:MAX_NAMED]}")
+            # Both tables are this pipeline's own outputs: a mismatch is a bug, not bad input (keeps its traceback).
+            raise RuntimeError(
+                f"no features for {len(missing)} labelled cell(s) of the cells table, e.g. {missing[:MAX_NAMED]}"
+            )
         matrix = features.loc[training["cell_id"]].reset_index(drop=True)
         training = pd.concat([training.reset_index(drop=True), matrix], axis=1)
     summary = {

@@ -287,7 +287,9 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
     client = _client(store)
     try:
         version = client.get_model_version_by_alias(registered_model, VALIDATED_ALIAS)
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise  # the store itself failed (locked, corrupt, another schema): not a missing model
         raise ModelNotValidatedError(
             f"no model {registered_model!r} has passed its validation gates (no '{VALIDATED_ALIAS}' version in "
             f"{store.tracking_uri}); run `kedro run --pipelines train` with more or better labels and check "
@@ -316,7 +318,9 @@ def load_validated_model(store: Store, registered_model: str) -> LoadedModel:
     try:
         untrusted = skops.io.get_untrusted_types(file=path)
     except Exception as exc:
-        raise ModelNotValidatedError(f"{where}: {path} is not a readable skops file ({exc})") from None
+        raise ModelNotValidatedError(
+            f"{where}: {path} is not a readable skops file ({type(exc).__name__}: {exc})"
+        ) from exc
     foreign = [t for t in untrusted if t not in REVIEWED_TYPES]
     if foreign:
         raise ModelNotValidatedError(

@@ -47,10 +47,15 @@ FAILURES_NAME = "failures.json"
 STORE_LOCK_NAME = ".mk_hspc_store.lock"
 
 
-class TileFailuresError(UserError, DatasetError):
-    """Some tiles could not be read or segmented; every other tile was processed and written."""
+class TileFailuresError(DatasetError):
+    """Some tiles could not be read or segmented; every other tile was processed and written.
 
-    def __init__(self, failed_tiles: Sequence[Mapping[str, str]], failures_file: Path) -> None:
+    Raised as :class:`BadInputTilesError` (shown without a traceback) when every failure was bad input (a
+    corrupt region of a slide); a failure of the code or of a library keeps the traceback, and its type and
+    traceback are in the records and the log (:func:`tile_failures_error`).
+    """
+
+    def __init__(self, failed_tiles: Sequence[Mapping[str, Any]], failures_file: Path) -> None:
         lines = [f"  {f['tile_id']} ({f['stage']}): {f['error']}" for f in failed_tiles[:10]]
         more = f"\n  ... and {len(failed_tiles) - 10} more" if len(failed_tiles) > 10 else ""
         super().__init__(
@@ -60,6 +65,20 @@ class TileFailuresError(UserError, DatasetError):
             + more
         )
         self.failed_tiles = list(failed_tiles)
+        self.failures_file = failures_file
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failed_tiles, self.failures_file))
+
+
+class BadInputTilesError(UserError, TileFailuresError):
+    """Tiles failed, every one on bad input (e.g. a corrupt slide region): the message says which and why."""
+
+
+def tile_failures_error(failed_tiles: Sequence[Mapping[str, Any]], failures_file: Path) -> TileFailuresError:
+    """The error for these failed tiles: :class:`BadInputTilesError` when all were bad input."""
+    bad_input = all(bool(f.get("user_error", False)) for f in failed_tiles)
+    return (BadInputTilesError if bad_input else TileFailuresError)(failed_tiles, failures_file)
 
 
 class TileStore:
@@ -135,7 +154,7 @@ class TileStoreDataset(VerifiedOutput, AbstractDataset[SegmentationPlan, TileSto
         failures_file = self._path / FAILURES_NAME
         write_json_atomic(failures_file, summary.failed_tiles)
         if summary.failed_tiles and not data.skip_failed_tiles:
-            raise TileFailuresError(summary.failed_tiles, failures_file)
+            raise tile_failures_error(summary.failed_tiles, failures_file)
         if summary.failed_tiles:
             logger.warning(
                 "%d tile(s) failed and are left out (skip_bad_slides), slides %s; details in %s",

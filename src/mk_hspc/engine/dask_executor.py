@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mk_hspc.engine.fingerprint import digest
 from mk_hspc.engine.prefetch import StageError, release_free_heap
+from mk_hspc.errors import UserError, describe_error
 from mk_hspc.models.registry import plugin_class
 
 logger = logging.getLogger(__name__)
@@ -66,14 +67,19 @@ class WorkerSetupError(DaskExecutorError):
 class TileTaskError(RuntimeError):
     """One tile failed on a worker at ``stage`` (read, process, write); picklable, names the tile."""
 
-    def __init__(self, stage: str, tile_id: str, error: str) -> None:
+    def __init__(self, stage: str, tile_id: str, error: str, user_error: bool = False) -> None:
         super().__init__(f"{stage} failed for tile {tile_id}: {error}")
         self.stage = stage
         self.tile_id = tile_id
         self.error = error
+        self.user_error = user_error  # the cause was bad input (mk_hspc.errors.UserError), not a bug
+
+    @classmethod
+    def of(cls, stage: str, tile_id: str, exc: BaseException) -> TileTaskError:
+        return cls(stage, tile_id, describe_error(exc), isinstance(exc, UserError))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.stage, self.tile_id, self.error))
+        return (type(self), (self.stage, self.tile_id, self.error, self.user_error))
 
 
 @dataclass(frozen=True)
@@ -339,7 +345,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
         slide = job.slides[spec.slide]
         tile_rgb = _normalise_tile(slide.read_region(spec.x, spec.y, spec.w, spec.h), spec)
     except Exception as exc:
-        raise TileTaskError("read", spec.tile_id, str(exc)) from exc
+        raise TileTaskError.of("read", spec.tile_id, exc) from exc
     timings["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -355,7 +361,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
                 slide_file_id=str(getattr(slide.meta, "file_id", "")),
             )
         except Exception as exc:
-            raise TileTaskError("process", spec.tile_id, str(exc)) from exc
+            raise TileTaskError.of("process", spec.tile_id, exc) from exc
     del tile_rgb
     timings["process"] = time.perf_counter() - started
 
@@ -363,7 +369,7 @@ def tile_task(token: str, spec: Any) -> dict[str, Any]:
     try:
         write_tile_result(job.store_dir, result, fsync=job.fsync, label_chunk_px=job.label_chunk_px)
     except Exception as exc:
-        raise TileTaskError("write", spec.tile_id, str(exc)) from exc
+        raise TileTaskError.of("write", spec.tile_id, exc) from exc
     timings["write"] = time.perf_counter() - started
     cells = _cells_per_type(result, state.segmenters)  # the local engine's counts, WIDER included
     del result
@@ -673,13 +679,14 @@ def _live_workers(client: Any) -> int:
         return 1
 
 
-def _failure_record(future: Any, spec: Any) -> dict[str, str]:
+def _failure_record(future: Any, spec: Any) -> dict[str, Any]:
     """The ``failed_tiles`` entry of a tile whose task ended in error (same keys as the local executor)."""
     from distributed import KilledWorker
 
     exc = future.exception()
+    user_error = False
     if isinstance(exc, TileTaskError):
-        stage, error = exc.stage, exc.error
+        stage, error, user_error = exc.stage, exc.error, exc.user_error
     elif isinstance(exc, KilledWorker):
         stage = "worker"
         error = (
@@ -690,7 +697,13 @@ def _failure_record(future: Any, spec: Any) -> dict[str, str]:
         stage, error = "setup", str(exc)
     else:
         stage, error = "process", f"{type(exc).__name__}: {exc}"
-    return {"tile_id": spec.tile_id, "slide": spec.slide, "stage": stage, "error": error}
+    return {
+        "tile_id": spec.tile_id,
+        "slide": spec.slide,
+        "stage": stage,
+        "error": error,
+        "user_error": user_error,
+    }
 
 
 def _as_error(future: Any, record: Mapping[str, str]) -> BaseException:
@@ -719,7 +732,13 @@ def _record_stall(
     logger.error("Dask executor: %s", reason)
     for spec in [*pending.values(), *queue]:
         outcome.failures.append(
-            {"tile_id": spec.tile_id, "slide": spec.slide, "stage": "timeout", "error": reason}
+            {
+                "tile_id": spec.tile_id,
+                "slide": spec.slide,
+                "stage": "timeout",
+                "error": reason,
+                "user_error": False,
+            }
         )
         bar.update(1)
 

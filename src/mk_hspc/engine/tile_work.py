@@ -22,6 +22,7 @@ from skimage.measure import regionprops_table
 
 from mk_hspc.engine.fingerprint import run_fingerprint
 from mk_hspc.engine.prefetch import release_free_heap, run_prefetched
+from mk_hspc.errors import UserError, describe_error
 from mk_hspc.models.base import FeatureExtractor, Segmentation, Segmenter
 from mk_hspc.tile_store import (
     FORMAT_VERSION,
@@ -455,15 +456,21 @@ def _run_local(
         isolate_failures=isolate_failures,
     )
     spec_by_key = {f"tile {spec.tile_id}": spec for spec in todo}
-    failed_tiles = [
-        {
-            "tile_id": spec_by_key[error.item_key].tile_id,
-            "slide": spec_by_key[error.item_key].slide,
-            "stage": error.stage,
-            "error": str(error.__cause__ or error),
-        }
-        for error in stats.failures
-    ]
+    failed_tiles = []
+    for error in stats.failures:
+        cause = error.__cause__ or error
+        spec = spec_by_key[error.item_key]
+        if not isinstance(cause, UserError):  # a bug or a library failure: its traceback goes to the log
+            logger.error("Tile %s failed at %s", spec.tile_id, error.stage, exc_info=cause)
+        failed_tiles.append(
+            {
+                "tile_id": spec.tile_id,
+                "slide": spec.slide,
+                "stage": error.stage,
+                "error": describe_error(cause),
+                "user_error": isinstance(cause, UserError),
+            }
+        )
     queues = (stats.max_read_queue, stats.max_write_queue, stats.max_in_flight)
     return stats.n_items, dict(stats.totals), dict(stats.busy_s), failed_tiles, queues
 
