@@ -294,6 +294,26 @@ def draw_sample(domains: Domains) -> tuple[list[SampleRow], dict[tuple[str, int]
     return rows, drawings
 
 
+def near_border(domains: Domains, margin_px: float = real_tissue.NUCLEUS_MATCH_RADIUS_PX) -> dict[str, dict]:
+    """Per BM_GRAZ group, how many candidates lie within the match gate of the image border, where a dot may be
+    left out on purpose (a nucleus cut by the image edge): a reading of how much of the undotted share is that."""
+    counts: dict[str, list[int]] = {}
+    for candidates, truth in domains.bm_graz:
+        height, width = candidates.rgb.shape[:2]
+        for group, index in bm_graz_groups(domains, candidates, truth).items():
+            x, y = candidates.xy[index, 0], candidates.xy[index, 1]
+            near = (
+                (x < margin_px) | (y < margin_px) | (x > width - 1 - margin_px) | (y > height - 1 - margin_px)
+            )
+            entry = counts.setdefault(group, [0, 0])
+            entry[0] += int(near.sum())
+            entry[1] += len(index)
+    return {
+        g: {"near": a, "n": n, "fraction": round(a / n, 4) if n else None}
+        for g, (a, n) in sorted(counts.items())
+    }
+
+
 def populations(domains: Domains) -> dict[str, int]:
     """How many candidates (or merged misses) each group and low-score band holds: what the sample stands for."""
     counts: dict[str, int] = {}
@@ -577,6 +597,7 @@ def measure(shared: Path, folder: Path) -> dict:
         "seed": SEED,
         "default_min_score": domains.params.min_score,
         "populations": populations(domains),
+        "within_the_gate_of_the_image_border": near_border(domains),
         "sample": summary,
         "sweep": precision_sweep(domains, fractions),
         "assumptions": [

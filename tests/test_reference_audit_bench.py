@@ -171,6 +171,9 @@ def test_groups_and_merged_misses_on_hand_made_images(audit) -> None:
     assert {k: v.tolist() for k, v in groups.items()} == {audit.KEPT: [1], audit.LOW: [2], audit.MATCHED: [0]}
     # The right nucleus is lost: the candidate covering most of it (0) was matched to the left one (0).
     assert audit.merged_misses(domains, ch, ch_truth) == [(1, 0, 0)]
+    # Candidate 0's centroid (39.5, 39.5) is 23.5 px from the border, beyond a 16 px gate; all are inside.
+    assert audit.near_border(domains)[audit.KEPT] == {"near": 0, "n": 1, "fraction": 0.0}
+    assert audit.near_border(domains, margin_px=40.0)[audit.MATCHED] == {"near": 1, "n": 1, "fraction": 1.0}
     sites = audit.decoy_sites(bm, bm_truth, domains.params)
     assert len(sites) > 0
     occupied = np.argwhere(bm.labels > 0)[:, ::-1]
