@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import real_tissue  # noqa: E402
 
 from mk_hspc.models.evaluation import detection_scores, match_points  # noqa: E402
-from mk_hspc.models.segmenters.binning import bin_rgb, working_factor  # noqa: E402
+from mk_hspc.models.segmenters.binning import bin_rgb, unbin_labels, working_factor  # noqa: E402
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter  # noqa: E402
 from mk_hspc.models.segmenters.label_measures import label_means, label_moments, sigmoid  # noqa: E402
 from mk_hspc.models.segmenters.nuclei import (  # noqa: E402
@@ -86,6 +86,11 @@ class Truth:
     xy: np.ndarray  # (x, y) image pixels: dots (BM_GRAZ) or instance centroids (challenge)
     gate_px: float
     labels: np.ndarray | None = None  # instance masks (challenge only)
+
+    @property
+    def pixel_um(self) -> float:
+        """The image's pixel size: the gate is the same 5.6 µm in every image."""
+        return GATE_UM / self.gate_px
 
 
 def image_candidates(segmenter: ClassicalSegmenter, rgb: np.ndarray, pixel_size_um: float) -> Candidates:
@@ -216,8 +221,7 @@ def miss_categories(candidates: Candidates, truth: Truth, scores: np.ndarray, p:
     found[pairs[:, 1]] = True
     matched_candidates = set(index[pairs[:, 0]].tolist())
     # Pixels of each true nucleus (rows) under each candidate (columns, 0 = background).
-    f, (height, width) = candidates.factor, truth.labels.shape
-    under = np.repeat(np.repeat(candidates.labels, f, axis=0), f, axis=1)[:height, :width]
+    under = unbin_labels(candidates.labels, candidates.factor, truth.labels.shape)
     inside = truth.labels > 0
     shape = (len(truth.xy) + 1, len(candidates.kept) + 1)
     overlap = coo_matrix((np.ones(int(inside.sum())), (truth.labels[inside], under[inside])), shape).tocsr()
@@ -493,8 +497,7 @@ def _crop_20um(
     top-left corner (image px) that map image points onto it."""
     import cv2
 
-    pixel_um = GATE_UM / truth.gate_px
-    half = int(round(10.0 / pixel_um))
+    half = int(round(10.0 / truth.pixel_um))
     x0, y0 = (int(round(v)) - half for v in candidates.xy[i])
     height, width = candidates.rgb.shape[:2]
     crop = np.full((2 * half, 2 * half, 3), 255, np.uint8)

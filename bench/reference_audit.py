@@ -63,6 +63,7 @@ import offdomain_nuclei as od  # noqa: E402
 import real_tissue  # noqa: E402
 
 from mk_hspc.models.evaluation import match_points  # noqa: E402
+from mk_hspc.models.segmenters.binning import unbin_labels  # noqa: E402
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter  # noqa: E402
 from mk_hspc.models.segmenters.nuclei import HspcParams  # noqa: E402
 from mk_hspc.models.stain import optical_density  # noqa: E402
@@ -175,10 +176,6 @@ def load_domains(shared: Path) -> Domains:
     return Domains(data["bm_graz_1.0"], data["challenge"], params)
 
 
-def pixel_um(truth: od.Truth) -> float:
-    return od.GATE_UM / truth.gate_px
-
-
 def bm_graz_groups(domains: Domains, candidates: od.Candidates, truth: od.Truth) -> dict[str, np.ndarray]:
     """Candidate indices of one BM_GRAZ image per audit group.
 
@@ -195,12 +192,6 @@ def bm_graz_groups(domains: Domains, candidates: od.Candidates, truth: od.Truth)
     return {KEPT: default[~matched], LOW: index[low & ~matched_all], MATCHED: default[matched]}
 
 
-def candidate_labels_at_image_px(candidates: od.Candidates, shape: tuple[int, int]) -> np.ndarray:
-    """The working-resolution labels repeated onto the image's pixels (``bin_rgb`` pads, so this crops)."""
-    f = candidates.factor
-    return np.repeat(np.repeat(candidates.labels, f, axis=0), f, axis=1)[: shape[0], : shape[1]]
-
-
 def merged_misses(domains: Domains, candidates: od.Candidates, truth: od.Truth) -> list[tuple[int, int, int]]:
     """``(lost true nucleus, candidate covering most of it, true nucleus that candidate is matched to)`` of
     each challenge nucleus lost as ``merged`` (0-based indices)."""
@@ -209,7 +200,7 @@ def merged_misses(domains: Domains, candidates: od.Candidates, truth: od.Truth) 
     index = np.flatnonzero(od.detected(candidates, scores, domains.params.min_score))
     _, _, _, pairs = match_points(candidates.xy[index], truth.xy, truth.gate_px)
     matched_to = {int(index[c]): int(k) for c, k in pairs}
-    under = candidate_labels_at_image_px(candidates, truth.labels.shape)
+    under = unbin_labels(candidates.labels, candidates.factor, truth.labels.shape)
     out = []
     for k in np.flatnonzero(np.asarray(categories) == "merged"):
         cover = np.bincount(under[truth.labels == k + 1], minlength=len(candidates.kept) + 1)
@@ -224,9 +215,9 @@ def decoy_sites(candidates: od.Candidates, truth: od.Truth, params: HspcParams) 
     candidate pixel (of any size or score) and no dot within :data:`DECOY_CLEARANCE_UM`."""
     rgb = candidates.rgb[..., :3]
     height, width = rgb.shape[:2]
-    px = pixel_um(truth)
+    px = truth.pixel_um
     tissue = optical_density(rgb).sum(axis=-1) > params.min_tissue_od
-    occupied = candidate_labels_at_image_px(candidates, (height, width)) > 0
+    occupied = unbin_labels(candidates.labels, candidates.factor, (height, width)) > 0
     dots = np.round(truth.xy).astype(int)
     inside = (dots[:, 0] >= 0) & (dots[:, 0] < width) & (dots[:, 1] >= 0) & (dots[:, 1] < height)
     occupied[dots[inside, 1], dots[inside, 0]] = True
@@ -335,7 +326,7 @@ def render_tile(drawing: TileDrawing) -> np.ndarray:
     lost nucleus in cyan and the one it lost to in magenta, other reference nuclei thin yellow)."""
     import cv2
 
-    px = pixel_um(drawing.truth)
+    px = drawing.truth.pixel_um
     half = int(round((CHALLENGE_CROP_UM if drawing.highlight else BM_CROP_UM) / px / 2))
 
     def window(image: np.ndarray, centre: tuple[int, int], fill: int) -> np.ndarray:
@@ -353,7 +344,7 @@ def render_tile(drawing: TileDrawing) -> np.ndarray:
         return cv2.drawContours(base, contours, -1, colour, thickness)
 
     source, c = drawing.outline_of
-    under = candidate_labels_at_image_px(source, source.rgb.shape[:2])
+    under = unbin_labels(source.labels, source.factor, source.rgb.shape[:2])
     source_centre = (drawing.centre[0] - drawing.shift[0], drawing.centre[1] - drawing.shift[1])
     mask = window(under, source_centre, 0) == c + 1
     rgb = window(drawing.candidates.rgb[..., :3], drawing.centre, 255)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -51,6 +52,16 @@ def load_bench_script(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def loaded_bench_script(name: str) -> Iterator[ModuleType]:
+    """:func:`load_bench_script` for the length of a ``with`` block (a module fixture), then unregistered."""
+    module = load_bench_script(name)
+    try:
+        yield module
+    finally:
+        sys.modules.pop(module.__name__, None)
 
 
 def make_project_copy(dest: Path) -> Path:

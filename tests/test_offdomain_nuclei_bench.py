@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
 from mk_hspc.models.segmenters.nuclei import HspcParams
-from tests.conftest import load_bench_script
+from tests.conftest import loaded_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    module = load_bench_script("offdomain_nuclei")
-    yield module
-    sys.modules.pop(module.__name__, None)
+    with loaded_bench_script("offdomain_nuclei") as module:
+        yield module
 
 
 def test_miss_categories(bench) -> None:

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mk_hspc.models.evaluation import points_covered
-from tests.conftest import load_bench_script
+from tests.conftest import loaded_bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    module = load_bench_script("real_tissue")
-    yield module
-    sys.modules.pop(module.__name__, None)
+    with loaded_bench_script("real_tissue") as module:
+        yield module
 
 
 def test_points_covered_grows_the_mask_by_the_radius() -> None:

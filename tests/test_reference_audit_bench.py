@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from mk_hspc.models.segmenters.nuclei import HspcParams
-from tests.conftest import load_bench_script
+from tests.conftest import loaded_bench_script
 
 
 @pytest.fixture(scope="module")
 def audit():
-    module = load_bench_script("reference_audit")
-    yield module
-    sys.modules.pop(module.__name__, None)
+    with loaded_bench_script("reference_audit") as module:
+        yield module
 
 
 def test_wilson_interval(audit) -> None:
