@@ -14,6 +14,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 TRACEBACK_ENV_VAR = "MK_HSPC_TRACEBACK"  # set to 1 for the full traceback of user errors too
+TRACEBACK_OFF = ("", "0", "false", "no", "off")  # its values that keep user errors brief
 
 
 class UserError(Exception):
@@ -43,13 +44,7 @@ def user_error_in(exc: BaseException) -> UserError | None:
 def brief_message(exc: BaseException) -> str | None:
     """The lines to print instead of a traceback, or None when ``exc`` deserves its traceback."""
     user = user_error_in(exc)
-    if user is None or os.environ.get(TRACEBACK_ENV_VAR, "").strip().lower() not in (
-        "",
-        "0",
-        "false",
-        "no",
-        "off",
-    ):
+    if user is None or os.environ.get(TRACEBACK_ENV_VAR, "").strip().lower() not in TRACEBACK_OFF:
         return None
     return f"Error: {user}\n({type(user).__name__}; {TRACEBACK_ENV_VAR}=1 shows the full traceback)"
 

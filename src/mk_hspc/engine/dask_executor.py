@@ -695,8 +695,8 @@ def _failure_record(future: Any, spec: Any) -> dict[str, Any]:
         )
     elif isinstance(exc, WorkerSetupError):
         stage, error = "setup", str(exc)
-    else:
-        stage, error = "process", f"{type(exc).__name__}: {exc}"
+    else:  # not wrapped by tile_task: described as tile_task describes a cause
+        stage, error, user_error = "process", describe_error(exc), isinstance(exc, UserError)
     return {
         "tile_id": spec.tile_id,
         "slide": spec.slide,
