@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import real_tissue  # noqa: E402
 
+from mk_hspc.atomic_io import write_bytes_atomic  # noqa: E402
 from mk_hspc.models.evaluation import detection_scores, match_points  # noqa: E402
 from mk_hspc.models.segmenters.binning import bin_rgb, unbin_labels, working_factor  # noqa: E402
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter  # noqa: E402
@@ -568,7 +569,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.shared, args.montage)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())  # never a cut-off result
     print(json.dumps({k: result[k] for k in ("default", "score_variants")}, indent=2))
     print(json.dumps({k: v for k, v in result["challenge_misses"].items() if k != "per_image"}, indent=2))
 

@@ -62,6 +62,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import offdomain_nuclei as od  # noqa: E402
 import real_tissue  # noqa: E402
 
+from mk_hspc.atomic_io import write_bytes_atomic  # noqa: E402
 from mk_hspc.models.evaluation import match_points  # noqa: E402
 from mk_hspc.models.segmenters.binning import unbin_labels  # noqa: E402
 from mk_hspc.models.segmenters.classical import ClassicalSegmenter  # noqa: E402
@@ -610,13 +611,13 @@ def main() -> None:
     if args.sample:
         rows, drawings = draw_sample(load_domains(args.shared))
         args.folder.mkdir(parents=True, exist_ok=True)
-        (args.folder / "sample.csv").write_text(sample_text(rows))
+        write_bytes_atomic(args.folder / "sample.csv", sample_text(rows).encode())
         write_sheets(rows, drawings, args.folder / "sheets")
         print(f"{len(rows)} tiles on {len({r.sheet for r in rows})} sheets in {args.folder / 'sheets'}")
         return
     result = measure(args.shared, args.folder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())  # never a cut-off result
     print(json.dumps({g: v["consensus"] for g, v in result["sample"]["groups"].items()}, indent=2))
     print(json.dumps(result["sweep"], indent=2))
 
